@@ -1,0 +1,40 @@
+# frozen_string_literal: true
+
+# Writes a Makefile that builds the extension with cargo directly (the
+# rb_sys gem is not needed). The cargo target directory lives in a
+# temporary directory that `make install` removes, so no build output stays
+# inside an installed gem.
+require "rbconfig"
+require "tmpdir"
+
+root = File.expand_path("../..", __dir__)
+manifest = File.join(root, "Cargo.toml")
+abort "exporter: #{manifest} missing" unless File.exist?(manifest)
+abort "exporter: cargo not found in PATH (install Rust: https://rustup.rs)" unless system("cargo --version > /dev/null 2>&1")
+
+target = ENV.fetch("EXPORTER_CARGO_TARGET_DIR") { File.join(Dir.tmpdir, "exporter-cargo-target-#{Process.pid}") }
+dlext = RbConfig::CONFIG["DLEXT"]
+ruby = RbConfig.ruby
+
+File.write("Makefile", <<~MAKE)
+  RUBY = #{ruby}
+  TARGET_DIR = #{target}
+  DLEXT = #{dlext}
+  sitearchdir ?= #{RbConfig::CONFIG['sitearchdir']}
+
+  all: exporter.$(DLEXT)
+
+  exporter.$(DLEXT):
+  \tRUBY=$(RUBY) cargo build --release --locked --manifest-path #{manifest} -p exporter --target-dir $(TARGET_DIR)
+  \tcp $(TARGET_DIR)/release/libexporter.so exporter.$(DLEXT)
+
+  install: all
+  \tmkdir -p $(DESTDIR)$(sitearchdir)/exporter
+  \tcp exporter.$(DLEXT) $(DESTDIR)$(sitearchdir)/exporter/exporter.$(DLEXT)
+  \trm -rf $(TARGET_DIR)
+
+  clean:
+  \trm -rf $(TARGET_DIR) exporter.$(DLEXT)
+
+  .PHONY: all install clean
+MAKE

@@ -1,0 +1,467 @@
+//! Ruby values to `exporter_core` spans: the only work done under the GVL.
+//!
+//! Every check a span needs happens here, while the values are read, so a
+//! bad trace raises `Exporter::InvalidTraceError` naming trace, span and
+//! field before anything is sent. Strings of any encoding become UTF-8:
+//! UTF-8, US-ASCII and binary strings are taken as bytes (invalid sequences
+//! scrubbed to U+FFFD), other encodings are transcoded first.
+
+use exporter_core::span::{AttributeValue, Span, SpanEvent, SpanLink, Trace};
+use magnus::encoding::EncodingCapable;
+use magnus::r_hash::ForEach;
+use magnus::value::ReprValue;
+use magnus::{Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, TryConvert, Value};
+
+use crate::errors;
+use magnus::rb_sys::AsRawValue;
+
+/// A conversion problem, before it is placed (trace/span) and raised.
+type Problem = String;
+
+fn class_name(v: Value) -> String {
+    // SAFETY: the name is copied before any Ruby code can run.
+    unsafe { v.classname() }.into_owned()
+}
+
+fn expected(what: &str, v: Value) -> Problem {
+    format!("must be {what} (got {})", class_name(v))
+}
+
+/// Reads a Ruby String as UTF-8, scrubbing what is not.
+pub fn string(ruby: &Ruby, v: Value) -> Result<String, Problem> {
+    let s = RString::from_value(v).ok_or_else(|| expected("a String", v))?;
+    let idx = s.enc_get();
+    let s = if idx == ruby.utf8_encindex()
+        || idx == ruby.ascii8bit_encindex()
+        || idx == ruby.usascii_encindex()
+    {
+        s
+    } else {
+        s.conv_enc(ruby.utf8_encoding())
+            .map_err(|e| format!("cannot be transcoded to UTF-8: {e}"))?
+    };
+    // SAFETY: the bytes are copied before any Ruby code can run.
+    let bytes = unsafe { s.as_slice() };
+    Ok(match std::str::from_utf8(bytes) {
+        Ok(valid) => valid.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    })
+}
+
+/// A nil-or-String field: nil is the empty string.
+fn opt_string(ruby: &Ruby, v: Value) -> Result<String, Problem> {
+    if v.is_nil() {
+        Ok(String::new())
+    } else {
+        string(ruby, v)
+    }
+}
+
+/// A Hash key: String or Symbol.
+fn key(ruby: &Ruby, k: Value) -> Result<String, Problem> {
+    if let Some(sym) = Symbol::from_value(k) {
+        return sym
+            .name()
+            .map(|n| n.into_owned())
+            .map_err(|e| e.to_string());
+    }
+    string(ruby, k).map_err(|_| format!("has a key that {}", expected("a String or Symbol", k)))
+}
+
+fn integer(v: Value) -> Result<Integer, Problem> {
+    Integer::from_value(v).ok_or_else(|| expected("an Integer", v))
+}
+
+fn id64(v: Value) -> Result<u64, Problem> {
+    integer(v)?
+        .to_u64()
+        .map_err(|_| "is out of range for an unsigned 64-bit id".into())
+}
+
+fn id128(v: Value) -> Result<u128, Problem> {
+    integer(v)?
+        .to_u128()
+        .map_err(|_| "is out of range for an unsigned 128-bit id".into())
+}
+
+fn i64_field(v: Value) -> Result<i64, Problem> {
+    integer(v)?
+        .to_i64()
+        .map_err(|_| "is out of range for a signed 64-bit integer".into())
+}
+
+fn number(v: Value) -> Result<f64, Problem> {
+    if let Some(f) = Float::from_value(v) {
+        return Ok(f.to_f64());
+    }
+    if let Some(i) = Integer::from_value(v) {
+        return Ok(i
+            .to_i64()
+            .map(|i| i as f64)
+            .unwrap_or_else(|_| f64::try_convert(i.as_value()).unwrap_or(f64::NAN)));
+    }
+    Err(expected("an Integer or Float", v))
+}
+
+fn hash(v: Value) -> Result<RHash, Problem> {
+    RHash::from_value(v).ok_or_else(|| expected("a Hash", v))
+}
+
+fn array(v: Value) -> Result<RArray, Problem> {
+    RArray::from_value(v).ok_or_else(|| expected("an Array", v))
+}
+
+/// Iterates a Hash, converting each value with `f`; problems name the key.
+fn pairs<T>(
+    ruby: &Ruby,
+    h: RHash,
+    mut f: impl FnMut(&Ruby, Value) -> Result<T, Problem>,
+) -> Result<Vec<(String, T)>, Problem> {
+    let mut out = Vec::with_capacity(h.len());
+    let mut problem = None;
+    let iterated = h.foreach(|k: Value, v: Value| {
+        let k = match key(ruby, k) {
+            Ok(k) => k,
+            Err(p) => {
+                problem = Some(p);
+                return Ok(ForEach::Stop);
+            }
+        };
+        match f(ruby, v) {
+            Ok(v) => {
+                out.push((k, v));
+                Ok(ForEach::Continue)
+            }
+            Err(p) => {
+                problem = Some(format!("[{k:?}] {p}"));
+                Ok(ForEach::Stop)
+            }
+        }
+    });
+    if let Err(e) = iterated {
+        return Err(e.to_string());
+    }
+    match problem {
+        Some(p) => Err(p),
+        None => Ok(out),
+    }
+}
+
+/// Encodes a Ruby value as msgpack (for `meta_struct`).
+fn msgpack(ruby: &Ruby, v: Value) -> Result<rmpv::Value, Problem> {
+    use rmpv::Value as M;
+    if v.is_nil() {
+        return Ok(M::Nil);
+    }
+    if v.as_raw() == ruby.qtrue().as_value().as_raw() {
+        return Ok(M::Boolean(true));
+    }
+    if v.as_raw() == ruby.qfalse().as_value().as_raw() {
+        return Ok(M::Boolean(false));
+    }
+    if let Some(i) = Integer::from_value(v) {
+        if let Ok(i) = i.to_i64() {
+            return Ok(M::from(i));
+        }
+        return i
+            .to_u64()
+            .map(M::from)
+            .map_err(|_| "holds an Integer out of 64-bit range".into());
+    }
+    if let Some(f) = Float::from_value(v) {
+        return Ok(M::F64(f.to_f64()));
+    }
+    if RString::from_value(v).is_some() {
+        return string(ruby, v).map(M::from);
+    }
+    if let Some(s) = Symbol::from_value(v) {
+        return s
+            .name()
+            .map(|n| M::from(n.into_owned()))
+            .map_err(|e| e.to_string());
+    }
+    if let Some(a) = RArray::from_value(v) {
+        let mut items = Vec::with_capacity(a.len());
+        for item in a.into_iter() {
+            items.push(msgpack(ruby, item)?);
+        }
+        return Ok(M::Array(items));
+    }
+    if let Some(h) = RHash::from_value(v) {
+        let entries = pairs(ruby, h, msgpack)?;
+        return Ok(M::Map(
+            entries.into_iter().map(|(k, v)| (M::from(k), v)).collect(),
+        ));
+    }
+    Err(format!(
+        "holds a {} that msgpack cannot encode",
+        class_name(v)
+    ))
+}
+
+fn meta_struct_value(ruby: &Ruby, v: Value) -> Result<Vec<u8>, Problem> {
+    let h = hash(v)?;
+    let value = msgpack(ruby, h.as_value())?;
+    let mut buf = Vec::new();
+    rmpv::encode::write_value(&mut buf, &value).map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+fn attribute(ruby: &Ruby, v: Value) -> Result<AttributeValue, Problem> {
+    if v.as_raw() == ruby.qtrue().as_value().as_raw() {
+        return Ok(AttributeValue::Bool(true));
+    }
+    if v.as_raw() == ruby.qfalse().as_value().as_raw() {
+        return Ok(AttributeValue::Bool(false));
+    }
+    if let Some(i) = Integer::from_value(v) {
+        return i
+            .to_i64()
+            .map(AttributeValue::Int)
+            .map_err(|_| "is out of 64-bit range".into());
+    }
+    if let Some(f) = Float::from_value(v) {
+        return Ok(AttributeValue::Float(f.to_f64()));
+    }
+    if let Some(a) = RArray::from_value(v) {
+        let mut items = Vec::with_capacity(a.len());
+        for item in a.into_iter() {
+            if RArray::from_value(item).is_some() {
+                return Err("nests an Array in an Array".into());
+            }
+            items.push(attribute(ruby, item)?);
+        }
+        return Ok(AttributeValue::Array(items));
+    }
+    string(ruby, v).map(AttributeValue::String).map_err(|_| {
+        expected(
+            "a String, Integer, Float, true, false or an Array of those",
+            v,
+        )
+    })
+}
+
+/// Reads a Hash-shaped record (span, link, event) field by field.
+fn fields(
+    ruby: &Ruby,
+    h: RHash,
+    mut f: impl FnMut(&str, Value) -> Result<(), (String, Problem)>,
+) -> Result<(), (String, Problem)> {
+    let mut problem = None;
+    let iterated = h.foreach(|k: Value, v: Value| {
+        let name = match key(ruby, k) {
+            Ok(n) => n,
+            Err(p) => {
+                problem = Some(("key".to_owned(), p));
+                return Ok(ForEach::Stop);
+            }
+        };
+        match f(&name, v) {
+            Ok(()) => Ok(ForEach::Continue),
+            Err(p) => {
+                problem = Some(p);
+                Ok(ForEach::Stop)
+            }
+        }
+    });
+    if let Err(e) = iterated {
+        return Err(("hash".into(), e.to_string()));
+    }
+    problem.map_or(Ok(()), Err)
+}
+
+fn at<T>(field: &str, r: Result<T, Problem>) -> Result<T, (String, Problem)> {
+    r.map_err(|p| (field.to_owned(), p))
+}
+
+fn span_link(ruby: &Ruby, v: Value) -> Result<SpanLink, Problem> {
+    let h = hash(v)?;
+    let mut link = SpanLink::default();
+    let (mut has_trace, mut has_span) = (false, false);
+    fields(ruby, h, |name, v| {
+        match name {
+            "trace_id" => {
+                link.trace_id = at(name, id128(v))?;
+                has_trace = true;
+            }
+            "span_id" => {
+                link.span_id = at(name, id64(v))?;
+                has_span = true;
+            }
+            "attributes" => {
+                link.attributes = at(name, hash(v).and_then(|h| pairs(ruby, h, string)))?
+            }
+            "tracestate" => link.tracestate = at(name, opt_string(ruby, v))?,
+            "flags" => {
+                link.flags = at(
+                    name,
+                    integer(v)
+                        .and_then(|i| i.to_u32().map_err(|_| "is out of range for u32".into())),
+                )?
+            }
+            _ => {}
+        }
+        Ok(())
+    })
+    .map_err(|(f, p)| format!("{f} {p}"))?;
+    if !has_trace || !has_span {
+        return Err("needs trace_id and span_id".into());
+    }
+    Ok(link)
+}
+
+fn span_event(ruby: &Ruby, v: Value) -> Result<SpanEvent, Problem> {
+    let h = hash(v)?;
+    let mut event = SpanEvent::default();
+    let (mut has_name, mut has_time) = (false, false);
+    fields(ruby, h, |name, v| {
+        match name {
+            "name" => {
+                event.name = at(name, string(ruby, v))?;
+                has_name = true;
+            }
+            "time_unix_nano" => {
+                event.time_unix_nano = at(
+                    name,
+                    integer(v)
+                        .and_then(|i| i.to_u64().map_err(|_| "is out of range for u64".into())),
+                )?;
+                has_time = true;
+            }
+            "attributes" => {
+                event.attributes = at(name, hash(v).and_then(|h| pairs(ruby, h, attribute)))?
+            }
+            _ => {}
+        }
+        Ok(())
+    })
+    .map_err(|(f, p)| format!("{f} {p}"))?;
+    if !has_name || !has_time {
+        return Err("needs name and time_unix_nano".into());
+    }
+    Ok(event)
+}
+
+fn list<T>(
+    ruby: &Ruby,
+    v: Value,
+    f: fn(&Ruby, Value) -> Result<T, Problem>,
+) -> Result<Vec<T>, Problem> {
+    if v.is_nil() {
+        return Ok(Vec::new());
+    }
+    let a = array(v)?;
+    let mut out = Vec::with_capacity(a.len());
+    for (i, item) in a.into_iter().enumerate() {
+        out.push(f(ruby, item).map_err(|p| format!("[{i}] {p}"))?);
+    }
+    Ok(out)
+}
+
+fn opt_pairs<T>(
+    ruby: &Ruby,
+    v: Value,
+    f: impl FnMut(&Ruby, Value) -> Result<T, Problem>,
+) -> Result<Vec<(String, T)>, Problem> {
+    if v.is_nil() {
+        return Ok(Vec::new());
+    }
+    pairs(ruby, hash(v)?, f)
+}
+
+fn error_flag(ruby: &Ruby, v: Value) -> Result<i32, Problem> {
+    if v.is_nil() || v.as_raw() == ruby.qfalse().as_value().as_raw() {
+        return Ok(0);
+    }
+    if v.as_raw() == ruby.qtrue().as_value().as_raw() {
+        return Ok(1);
+    }
+    integer(v)?
+        .to_i32()
+        .map_err(|_| "is out of range for a 32-bit integer".into())
+}
+
+/// Converts one span Hash.
+fn span(ruby: &Ruby, v: Value) -> Result<Span, (String, Problem)> {
+    let h = at("span", hash(v))?;
+    let mut s = Span::default();
+    let (mut has_trace, mut has_span, mut has_name) = (false, false, false);
+    fields(ruby, h, |name, v| {
+        match name {
+            "trace_id" => {
+                s.trace_id = at(name, id128(v))?;
+                has_trace = true;
+            }
+            "span_id" => {
+                s.span_id = at(name, id64(v))?;
+                has_span = true;
+            }
+            "parent_id" if !v.is_nil() => s.parent_id = at(name, id64(v))?,
+            "name" => {
+                s.name = at(name, string(ruby, v))?;
+                has_name = true;
+            }
+            "service" => s.service = at(name, opt_string(ruby, v))?,
+            "resource" => s.resource = at(name, opt_string(ruby, v))?,
+            "type" => s.r#type = at(name, opt_string(ruby, v))?,
+            "start" if !v.is_nil() => s.start = at(name, i64_field(v))?,
+            "duration" if !v.is_nil() => {
+                s.duration = at(name, i64_field(v))?;
+                if s.duration < 0 {
+                    return Err((name.into(), "must not be negative".into()));
+                }
+            }
+            "error" => s.error = at(name, error_flag(ruby, v))?,
+            "meta" => s.meta = at(name, opt_pairs(ruby, v, string))?,
+            "metrics" => s.metrics = at(name, opt_pairs(ruby, v, |_, v| number(v)))?,
+            "meta_struct" => s.meta_struct = at(name, opt_pairs(ruby, v, meta_struct_value))?,
+            "span_links" => s.span_links = at(name, list(ruby, v, span_link))?,
+            "span_events" => s.span_events = at(name, list(ruby, v, span_event))?,
+            _ => {}
+        }
+        Ok(())
+    })?;
+    for (present, field) in [
+        (has_trace, "trace_id"),
+        (has_span, "span_id"),
+        (has_name, "name"),
+    ] {
+        if !present {
+            return Err((field.into(), "is missing".into()));
+        }
+    }
+    Ok(s)
+}
+
+/// Converts one trace (an Array of span Hashes); `ti` names it in errors.
+pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
+    let a = RArray::from_value(v).ok_or_else(|| {
+        errors::invalid_trace(
+            ruby,
+            format!("trace {ti}: {}", expected("an Array of span Hashes", v)),
+        )
+    })?;
+    let mut out = Vec::with_capacity(a.len());
+    for (si, sv) in a.into_iter().enumerate() {
+        let sp = span(ruby, sv).map_err(|(field, p)| {
+            errors::invalid_trace(ruby, format!("trace {ti}, span {si}: {field} {p}"))
+        })?;
+        out.push(sp);
+    }
+    Ok(out)
+}
+
+/// Converts an Array of traces.
+pub fn traces(ruby: &Ruby, v: Value) -> Result<Vec<Trace>, Error> {
+    let a = RArray::from_value(v).ok_or_else(|| {
+        errors::invalid_trace(
+            ruby,
+            format!("traces {}", expected("an Array of traces", v)),
+        )
+    })?;
+    let mut out = Vec::with_capacity(a.len());
+    for (ti, tv) in a.into_iter().enumerate() {
+        out.push(trace(ruby, tv, ti)?);
+    }
+    Ok(out)
+}

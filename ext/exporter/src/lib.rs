@@ -1,0 +1,24 @@
+//! The `exporter` Ruby extension (magnus).
+//!
+//! One file per Ruby class or module; each converts at the boundary and
+//! delegates to `exporter_core`, which owns all behaviour:
+//! - `transport`: `Exporter::Transport`
+//! - `native`: `Exporter::Native` (runtime fork lifecycle)
+//! - `convert`: Ruby spans to core spans (the GVL-held part)
+//! - `gvl`: waiting without the GVL, with a cancelling unblock function
+
+mod convert;
+mod errors;
+mod gvl;
+mod native;
+mod transport;
+
+use magnus::{Error, Ruby};
+
+#[magnus::init]
+fn init(ruby: &Ruby) -> Result<(), Error> {
+    let module = ruby.define_module("Exporter")?;
+    transport::init(ruby, module)?;
+    native::init(module)?;
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! `Exporter::Transport`, native half: configuration in, `send_traces` out.
+//!
+//! The Ruby half (`lib/exporter/transport.rb`) resolves defaults from the
+//! environment, builds the `Response` and wires the fork hooks. Here we
+//! only convert at the boundary and run the send on the shared runtime,
+//! waiting for it with the GVL released (see `crate::gvl`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use exporter_core::agent::{Config, SendReport, TraceExporter};
+use exporter_core::encode::Protocol;
+use exporter_core::retry::RetryPolicy;
+use exporter_core::runtime;
+use exporter_core::span::{SpanDefaults, Trace};
+use magnus::{function, method, prelude::*, Error, RHash, RModule, Ruby, Symbol, Value};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::{convert, errors, gvl};
+
+#[magnus::wrap(class = "Exporter::Transport", free_immediately, size)]
+pub struct Transport {
+    exporter: Arc<TraceExporter>,
+    closed: AtomicBool,
+}
+
+fn opt<T: magnus::TryConvert>(ruby: &Ruby, opts: RHash, key: &str) -> Result<T, Error> {
+    opts.lookup::<_, Option<T>>(ruby.to_symbol(key))?
+        .ok_or_else(|| errors::argument(ruby, format!("missing option {key}")))
+}
+
+fn seconds(ruby: &Ruby, opts: RHash, key: &str) -> Result<Duration, Error> {
+    let secs: f64 = opt(ruby, opts, key)?;
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(errors::argument(
+            ruby,
+            format!("{key} must be a positive number of seconds (got {secs})"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl Transport {
+    /// `Transport._native_new(opts)`: `opts` has every key, already
+    /// defaulted by the Ruby side.
+    fn native_new(ruby: &Ruby, opts: RHash) -> Result<Transport, Error> {
+        let protocol: Symbol = opt(ruby, opts, "protocol")?;
+        let protocol_name = protocol.name()?;
+        let protocol = Protocol::parse(&protocol_name).ok_or_else(|| {
+            errors::argument(
+                ruby,
+                format!("protocol must be :v04 or :v05 (got :{protocol_name})"),
+            )
+        })?;
+        let max_payload: i64 = opt(ruby, opts, "max_payload_size")?;
+        let max_retries: i64 = opt(ruby, opts, "max_retries")?;
+        if max_payload <= 0 {
+            return Err(errors::argument(ruby, "max_payload_size must be positive"));
+        }
+        if !(0..=100).contains(&max_retries) {
+            return Err(errors::argument(
+                ruby,
+                "max_retries must be between 0 and 100",
+            ));
+        }
+        let config = Config {
+            url: opt(ruby, opts, "url")?,
+            protocol,
+            timeout: seconds(ruby, opts, "timeout")?,
+            deadline: seconds(ruby, opts, "deadline")?,
+            retry: RetryPolicy {
+                max_retries: max_retries as u32,
+                ..RetryPolicy::default()
+            },
+            max_payload: max_payload as usize,
+            defaults: SpanDefaults {
+                service: opt(ruby, opts, "service")?,
+                env: opt(ruby, opts, "env")?,
+                version: opt(ruby, opts, "version")?,
+            },
+            lang_version: opt(ruby, opts, "lang_version")?,
+            lang_interpreter: opt(ruby, opts, "lang_interpreter")?,
+            tracer_version: opt(ruby, opts, "tracer_version")?,
+            container_id: None,
+        };
+        let exporter = TraceExporter::new(config).map_err(|e| errors::argument(ruby, e))?;
+        Ok(Transport {
+            exporter: Arc::new(exporter),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Sends already-converted traces and waits without the GVL.
+    pub fn send_converted(&self, ruby: &Ruby, traces: Vec<Trace>) -> Result<SendReport, Error> {
+        let count = traces.len();
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(failed(count, "transport is closed".into()));
+        }
+        if count == 0 {
+            return Ok(SendReport::default());
+        }
+        let (handle, generation) = match runtime::handle() {
+            Ok(h) => h,
+            Err(e) => return Ok(failed(count, e.to_string())),
+        };
+        let work = CancellationToken::new();
+        let (tx, rx) = oneshot::channel();
+        let exporter = self.exporter.clone();
+        let cancelled = work.clone();
+        handle.spawn(async move {
+            tokio::select! {
+                report = exporter.send(traces, generation) => { let _ = tx.send(report); }
+                _ = cancelled.cancelled() => {}
+            }
+        });
+        Ok(gvl::wait(ruby, rx, &work)?.unwrap_or_else(|| {
+            failed(count, "send abandoned: the process forked during it".into())
+        }))
+    }
+
+    /// `#_send_traces(traces)`: a Hash for `Exporter::Response.new`.
+    fn send_traces(ruby: &Ruby, rb_self: &Self, traces: Value) -> Result<RHash, Error> {
+        let traces = convert::traces(ruby, traces)?;
+        let report = rb_self.send_converted(ruby, traces)?;
+        report_to_hash(ruby, &report)
+    }
+
+    fn close(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.exporter.clear_connections();
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn url(&self) -> String {
+        self.exporter.config().url.clone()
+    }
+}
+
+fn failed(count: usize, error: String) -> SendReport {
+    SendReport {
+        failed_traces: count,
+        error: Some(error),
+        ..Default::default()
+    }
+}
+
+/// The report as a Hash of Symbol keys.
+pub fn report_to_hash(ruby: &Ruby, r: &SendReport) -> Result<RHash, Error> {
+    let h = ruby.hash_new();
+    h.aset(ruby.to_symbol("status"), r.status)?;
+    h.aset(ruby.to_symbol("trace_count"), r.trace_count)?;
+    h.aset(ruby.to_symbol("failed_count"), r.failed_traces)?;
+    h.aset(ruby.to_symbol("dropped_count"), r.oversized_traces)?;
+    h.aset(ruby.to_symbol("requests"), r.requests)?;
+    let rates = ruby.hash_new();
+    for (k, v) in &r.rate_by_service {
+        rates.aset(k.as_str(), *v)?;
+    }
+    h.aset(ruby.to_symbol("rate_by_service"), rates)?;
+    h.aset(ruby.to_symbol("error"), r.error.as_deref())?;
+    Ok(h)
+}
+
+pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
+    let class = module.define_class("Transport", ruby.class_object())?;
+    class.define_singleton_method("_native_new", function!(Transport::native_new, 1))?;
+    class.define_method("_send_traces", method!(Transport::send_traces, 1))?;
+    class.define_method("_close", method!(Transport::close, 0))?;
+    class.define_method("closed?", method!(Transport::is_closed, 0))?;
+    class.define_method("url", method!(Transport::url, 0))?;
+    Ok(())
+}

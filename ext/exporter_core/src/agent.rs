@@ -1,0 +1,368 @@
+//! Sending traces to the agent: split, POST, retry, report.
+//!
+//! [`TraceExporter::send`] is the whole synchronous path after conversion:
+//! it normalises and encodes the traces, splits them under the payload cap,
+//! POSTs each body with retries under one total deadline, and folds every
+//! outcome into a [`SendReport`]. It never fails: what went wrong is in the
+//! report.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::encode::Protocol;
+use crate::http::{Client, Endpoint, HttpResponse, RequestError, UrlError};
+use crate::retry::{Attempt, RetryPolicy};
+use crate::span::{normalize_trace, SpanDefaults, Trace};
+use crate::split::{split, DEFAULT_MAX_PAYLOAD};
+
+/// Everything a trace exporter is configured with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub url: String,
+    pub protocol: Protocol,
+    /// Per attempt.
+    pub timeout: Duration,
+    /// Total per `send`, across bodies, attempts and waits.
+    pub deadline: Duration,
+    pub retry: RetryPolicy,
+    pub max_payload: usize,
+    pub defaults: SpanDefaults,
+    pub lang_version: String,
+    pub lang_interpreter: String,
+    pub tracer_version: String,
+    pub container_id: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            url: "http://127.0.0.1:8126".into(),
+            protocol: Protocol::V04,
+            timeout: Duration::from_secs(3),
+            deadline: Duration::from_secs(9),
+            retry: RetryPolicy::default(),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            defaults: SpanDefaults::default(),
+            lang_version: String::new(),
+            lang_interpreter: String::new(),
+            tracer_version: String::new(),
+            container_id: None,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    Url(UrlError),
+    /// A header value with characters HTTP does not allow.
+    Header(&'static str),
+    /// A zero or negative duration or size.
+    Range(&'static str),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Url(e) => e.fmt(f),
+            ConfigError::Header(name) => write!(
+                f,
+                "{name} contains characters not allowed in an HTTP header"
+            ),
+            ConfigError::Range(what) => write!(f, "{what} must be positive"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What one `send` did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SendReport {
+    /// Status of the last response received, if any.
+    pub status: Option<u16>,
+    /// Traces the agent accepted (2xx).
+    pub trace_count: usize,
+    /// Traces that could not be delivered (after retries), excluding oversized.
+    pub failed_traces: usize,
+    /// Traces dropped because alone they exceed the payload cap.
+    pub oversized_traces: usize,
+    /// Requests made, retries included.
+    pub requests: usize,
+    /// `rate_by_service` of the last successful response.
+    pub rate_by_service: Vec<(String, f64)>,
+    /// The first problem met, if any.
+    pub error: Option<String>,
+}
+
+impl SendReport {
+    /// Whether every trace was accepted.
+    pub fn is_ok(&self) -> bool {
+        self.error.is_none() && self.failed_traces == 0 && self.oversized_traces == 0
+    }
+
+    fn note_error(&mut self, e: impl Into<String>) {
+        if self.error.is_none() {
+            self.error = Some(e.into());
+        }
+    }
+
+    /// Folds another report (of a later send) into this one.
+    pub fn merge(&mut self, other: SendReport) {
+        if other.status.is_some() {
+            self.status = other.status;
+        }
+        self.trace_count += other.trace_count;
+        self.failed_traces += other.failed_traces;
+        self.oversized_traces += other.oversized_traces;
+        self.requests += other.requests;
+        if !other.rate_by_service.is_empty() {
+            self.rate_by_service = other.rate_by_service;
+        }
+        if let Some(e) = other.error {
+            self.note_error(e);
+        }
+    }
+}
+
+/// Sends traces to one agent.
+pub struct TraceExporter {
+    config: Config,
+    client: Client,
+    fixed_headers: Vec<(&'static str, String)>,
+}
+
+fn check_header(name: &'static str, value: &str) -> Result<(), ConfigError> {
+    hyper::header::HeaderValue::from_str(value)
+        .map(|_| ())
+        .map_err(|_| ConfigError::Header(name))
+}
+
+impl TraceExporter {
+    pub fn new(config: Config) -> Result<TraceExporter, ConfigError> {
+        let endpoint = Endpoint::parse(&config.url).map_err(ConfigError::Url)?;
+        if config.timeout.is_zero() {
+            return Err(ConfigError::Range("timeout"));
+        }
+        if config.deadline.is_zero() {
+            return Err(ConfigError::Range("deadline"));
+        }
+        if config.max_payload == 0 {
+            return Err(ConfigError::Range("max_payload_size"));
+        }
+        let mut fixed_headers = vec![
+            ("Content-Type", "application/msgpack".to_owned()),
+            ("Datadog-Meta-Lang", "ruby".to_owned()),
+            ("Datadog-Meta-Lang-Version", config.lang_version.clone()),
+            (
+                "Datadog-Meta-Lang-Interpreter",
+                config.lang_interpreter.clone(),
+            ),
+            ("Datadog-Meta-Tracer-Version", config.tracer_version.clone()),
+            ("Datadog-Send-Real-Http-Status", "1".to_owned()),
+        ];
+        if let Some(id) = &config.container_id {
+            fixed_headers.push(("Datadog-Container-ID", id.clone()));
+        }
+        for (name, value) in &fixed_headers {
+            check_header(name, value)?;
+        }
+        Ok(TraceExporter {
+            client: Client::new(endpoint),
+            config,
+            fixed_headers,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Drops pooled connections (used by `close`).
+    pub fn clear_connections(&self) {
+        self.client.clear();
+    }
+
+    /// Sends `traces`; must run on the shared runtime of `generation`.
+    pub async fn send(&self, mut traces: Vec<Trace>, generation: u64) -> SendReport {
+        for t in traces.iter_mut() {
+            normalize_trace(t, &self.config.defaults);
+        }
+        let deadline = Instant::now() + self.config.deadline;
+        let parts = split(&traces, self.config.protocol, self.config.max_payload);
+        drop(traces);
+        let mut report = SendReport {
+            oversized_traces: parts.oversized_traces,
+            ..Default::default()
+        };
+        if parts.oversized_traces > 0 {
+            report.note_error(format!(
+                "{} trace(s) dropped: each alone exceeds the {} byte payload limit",
+                parts.oversized_traces, self.config.max_payload
+            ));
+        }
+        let mut payloads = parts.payloads.into_iter();
+        for p in payloads.by_ref() {
+            let count = p.trace_count;
+            match self
+                .post_with_retries(p.body.into(), count, deadline, generation, &mut report)
+                .await
+            {
+                true => report.trace_count += count,
+                false => {
+                    report.failed_traces += count;
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                }
+            }
+        }
+        let unsent: usize = payloads.map(|p| p.trace_count).sum();
+        if unsent > 0 {
+            report.failed_traces += unsent;
+            report.note_error("deadline exceeded before every payload was sent");
+        }
+        report
+    }
+
+    /// One body, retried as the policy allows. True when accepted.
+    async fn post_with_retries(
+        &self,
+        body: Bytes,
+        trace_count: usize,
+        deadline: Instant,
+        generation: u64,
+        report: &mut SendReport,
+    ) -> bool {
+        let mut headers: Vec<(&str, String)> = self
+            .fixed_headers
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        headers.push(("X-Datadog-Trace-Count", trace_count.to_string()));
+        let mut retry = 0;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                report.note_error("deadline exceeded");
+                return false;
+            }
+            let timeout = self.config.timeout.min(remaining);
+            report.requests += 1;
+            let result = self
+                .client
+                .post(
+                    generation,
+                    self.config.protocol.path(),
+                    &headers,
+                    body.clone(),
+                    timeout,
+                )
+                .await;
+            let (attempt, retry_after) = match &result {
+                Ok(HttpResponse {
+                    status,
+                    retry_after,
+                    body,
+                }) => {
+                    report.status = Some(*status);
+                    if (200..300).contains(status) {
+                        report.rate_by_service = parse_rates(body);
+                        return true;
+                    }
+                    (Attempt::Status(*status), *retry_after)
+                }
+                Err(RequestError::Connect(_)) => (Attempt::ConnectError, None),
+                Err(RequestError::Runtime(_)) => (Attempt::Status(0), None),
+                Err(_) => (Attempt::Timeout, None),
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let wait = self.config.retry.delay(
+                retry,
+                attempt,
+                retry_after,
+                remaining,
+                crate::retry::jitter(),
+            );
+            match wait {
+                Some(d) => {
+                    tokio::time::sleep(d).await;
+                    retry += 1;
+                }
+                None => {
+                    let url = self.client.endpoint();
+                    report.note_error(match result {
+                        Ok(r) => format!(
+                            "agent at {url} answered {}: {}",
+                            r.status,
+                            String::from_utf8_lossy(&r.body[..r.body.len().min(200)]).trim()
+                        ),
+                        Err(e) => format!("agent at {url}: {e}"),
+                    });
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Reads `rate_by_service` from an agent response body; anything
+/// unexpected yields no rates rather than an error.
+pub fn parse_rates(body: &[u8]) -> Vec<(String, f64)> {
+    #[derive(serde::Deserialize)]
+    struct Rates {
+        #[serde(default)]
+        rate_by_service: std::collections::BTreeMap<String, f64>,
+    }
+    serde_json::from_slice::<Rates>(body)
+        .map(|r| r.rate_by_service.into_iter().collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rates_and_tolerates_junk() {
+        let r = parse_rates(br#"{"rate_by_service":{"service:a,env:b":0.5,"service:,env:":1}}"#);
+        assert_eq!(
+            r,
+            vec![
+                ("service:,env:".into(), 1.0),
+                ("service:a,env:b".into(), 0.5)
+            ]
+        );
+        assert!(parse_rates(b"OK").is_empty());
+        assert!(parse_rates(b"").is_empty());
+    }
+
+    #[test]
+    fn rejects_bad_config() {
+        let bad_url = Config {
+            url: "tcp://x".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            TraceExporter::new(bad_url),
+            Err(ConfigError::Url(_))
+        ));
+        let bad_header = Config {
+            tracer_version: "1\n2".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            TraceExporter::new(bad_header),
+            Err(ConfigError::Header("Datadog-Meta-Tracer-Version"))
+        ));
+        let zero = Config {
+            timeout: Duration::ZERO,
+            ..Default::default()
+        };
+        assert!(matches!(
+            TraceExporter::new(zero),
+            Err(ConfigError::Range("timeout"))
+        ));
+    }
+}

@@ -1,0 +1,113 @@
+//! Agent payload encoders (msgpack, v0.4 and v0.5).
+//!
+//! Each encoder turns traces into the body of one `POST /v0.X/traces`. The
+//! splitter (`crate::split`) decides which traces share a body, so encoders
+//! expose both a whole-payload function and the per-trace pieces it needs.
+
+pub mod v04;
+pub mod v05;
+
+use crate::span::{AttributeValue, SpanEvent, SpanLink};
+
+/// The agent API version a transport speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    V04,
+    V05,
+}
+
+impl Protocol {
+    /// The request path for this protocol.
+    pub fn path(self) -> &'static str {
+        match self {
+            Protocol::V04 => "/v0.4/traces",
+            Protocol::V05 => "/v0.5/traces",
+        }
+    }
+
+    /// Parses `"v04"`/`"v0.4"` and `"v05"`/`"v0.5"`.
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "v04" | "v0.4" => Some(Protocol::V04),
+            "v05" | "v0.5" => Some(Protocol::V05),
+            _ => None,
+        }
+    }
+}
+
+/// Size in bytes of a msgpack array (or map) header for `len` elements.
+pub(crate) fn container_header_len(len: usize) -> usize {
+    if len < 16 {
+        1
+    } else if len <= u16::MAX as usize {
+        3
+    } else {
+        5
+    }
+}
+
+/// Writes a msgpack array header into `buf`.
+pub(crate) fn write_array_len(buf: &mut Vec<u8>, len: usize) {
+    // Writing into a Vec cannot fail; lengths are bounded by the payload cap.
+    let _ = rmp::encode::write_array_len(buf, len as u32);
+}
+
+/// Span links in the JSON form the agent reads from meta `_dd.span_links`
+/// (used where the wire format has no native field, i.e. v0.5).
+pub(crate) fn span_links_json(links: &[SpanLink]) -> String {
+    let list: Vec<serde_json::Value> = links
+        .iter()
+        .map(|l| {
+            let mut o = serde_json::Map::new();
+            o.insert("trace_id".into(), format!("{:032x}", l.trace_id).into());
+            o.insert("span_id".into(), format!("{:016x}", l.span_id).into());
+            if !l.attributes.is_empty() {
+                let attrs: serde_json::Map<String, serde_json::Value> = l
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone().into()))
+                    .collect();
+                o.insert("attributes".into(), attrs.into());
+            }
+            if !l.tracestate.is_empty() {
+                o.insert("tracestate".into(), l.tracestate.clone().into());
+            }
+            if l.flags != 0 {
+                o.insert("flags".into(), l.flags.into());
+            }
+            o.into()
+        })
+        .collect();
+    serde_json::Value::Array(list).to_string()
+}
+
+/// Span events in the JSON form the agent reads from meta `events`.
+pub(crate) fn span_events_json(events: &[SpanEvent]) -> String {
+    fn attr(v: &AttributeValue) -> serde_json::Value {
+        match v {
+            AttributeValue::String(s) => s.clone().into(),
+            AttributeValue::Bool(b) => (*b).into(),
+            AttributeValue::Int(i) => (*i).into(),
+            AttributeValue::Float(f) => (*f).into(),
+            AttributeValue::Array(a) => a.iter().map(attr).collect(),
+        }
+    }
+    let list: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| {
+            let mut o = serde_json::Map::new();
+            o.insert("name".into(), e.name.clone().into());
+            o.insert("time_unix_nano".into(), e.time_unix_nano.into());
+            if !e.attributes.is_empty() {
+                let attrs: serde_json::Map<String, serde_json::Value> = e
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| (k.clone(), attr(v)))
+                    .collect();
+                o.insert("attributes".into(), attrs.into());
+            }
+            o.into()
+        })
+        .collect();
+    serde_json::Value::Array(list).to_string()
+}

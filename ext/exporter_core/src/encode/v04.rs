@@ -1,0 +1,380 @@
+//! v0.4: an array of traces, each an array of span maps.
+//!
+//! Optional fields (`type`, `meta`, `metrics`,
+//! `meta_struct`, `span_links`, `span_events`) are left out when empty, as
+//! the agent treats a missing field as its zero value.
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+
+use super::write_array_len;
+use crate::span::{AttributeValue, Span, SpanEvent, SpanLink, Trace};
+
+/// Encodes one trace (an array of span maps) and appends it to `buf`.
+pub fn encode_trace(buf: &mut Vec<u8>, trace: &Trace) {
+    write_array_len(buf, trace.len());
+    for span in trace {
+        // Serialising owned data into a Vec cannot fail.
+        let _ = span_map(span).serialize(&mut rmp_serde::Serializer::new(&mut *buf));
+    }
+}
+
+/// Encodes a whole payload from already-encoded traces.
+pub fn encode_payload<'a>(traces: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let parts: Vec<&[u8]> = traces.collect();
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut buf = Vec::with_capacity(len + 5);
+    write_array_len(&mut buf, parts.len());
+    for part in parts {
+        buf.extend_from_slice(part);
+    }
+    buf
+}
+
+/// Encodes traces into one v0.4 payload.
+pub fn encode(traces: &[Trace]) -> Vec<u8> {
+    let encoded: Vec<Vec<u8>> = traces
+        .iter()
+        .map(|t| {
+            let mut b = Vec::new();
+            encode_trace(&mut b, t);
+            b
+        })
+        .collect();
+    encode_payload(encoded.iter().map(|b| b.as_slice()))
+}
+
+fn span_map(span: &Span) -> SpanMap<'_> {
+    SpanMap(span)
+}
+
+struct SpanMap<'a>(&'a Span);
+
+struct Pairs<'a, V>(&'a [(String, V)]);
+
+impl<V: Serialize> Serialize for Pairs<'_, V> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+struct Bin<'a>(&'a [u8]);
+
+impl Serialize for Bin<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+struct BinPairs<'a>(&'a [(String, Vec<u8>)]);
+
+impl Serialize for BinPairs<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            m.serialize_entry(k, &Bin(v))?;
+        }
+        m.end()
+    }
+}
+
+impl Serialize for SpanMap<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let sp = self.0;
+        // trace_id span_id parent_id name service resource start duration
+        // error, then the optional fields that are present.
+        let len = 9
+            + usize::from(!sp.r#type.is_empty())
+            + usize::from(!sp.meta.is_empty())
+            + usize::from(!sp.metrics.is_empty())
+            + usize::from(!sp.meta_struct.is_empty())
+            + usize::from(!sp.span_links.is_empty())
+            + usize::from(!sp.span_events.is_empty());
+        let mut m = s.serialize_map(Some(len))?;
+        m.serialize_entry("trace_id", &sp.trace_id_low())?;
+        m.serialize_entry("span_id", &sp.span_id)?;
+        m.serialize_entry("parent_id", &sp.parent_id)?;
+        m.serialize_entry("name", &sp.name)?;
+        m.serialize_entry("service", &sp.service)?;
+        m.serialize_entry("resource", &sp.resource)?;
+        if !sp.r#type.is_empty() {
+            m.serialize_entry("type", &sp.r#type)?;
+        }
+        m.serialize_entry("start", &sp.start)?;
+        m.serialize_entry("duration", &sp.duration)?;
+        m.serialize_entry("error", &sp.error)?;
+        if !sp.meta.is_empty() {
+            m.serialize_entry("meta", &Pairs(&sp.meta))?;
+        }
+        if !sp.metrics.is_empty() {
+            m.serialize_entry("metrics", &Pairs(&sp.metrics))?;
+        }
+        if !sp.meta_struct.is_empty() {
+            m.serialize_entry("meta_struct", &BinPairs(&sp.meta_struct))?;
+        }
+        if !sp.span_links.is_empty() {
+            m.serialize_entry("span_links", &Links(&sp.span_links))?;
+        }
+        if !sp.span_events.is_empty() {
+            m.serialize_entry("span_events", &Events(&sp.span_events))?;
+        }
+        m.end()
+    }
+}
+
+struct Links<'a>(&'a [SpanLink]);
+
+impl Serialize for Links<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for l in self.0 {
+            seq.serialize_element(&Link(l))?;
+        }
+        seq.end()
+    }
+}
+
+struct Link<'a>(&'a SpanLink);
+
+impl Serialize for Link<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let l = self.0;
+        let high = (l.trace_id >> 64) as u64;
+        let len = 2
+            + usize::from(high != 0)
+            + usize::from(!l.attributes.is_empty())
+            + usize::from(!l.tracestate.is_empty())
+            + usize::from(l.flags != 0);
+        let mut m = s.serialize_map(Some(len))?;
+        m.serialize_entry("trace_id", &(l.trace_id as u64))?;
+        if high != 0 {
+            m.serialize_entry("trace_id_high", &high)?;
+        }
+        m.serialize_entry("span_id", &l.span_id)?;
+        if !l.attributes.is_empty() {
+            m.serialize_entry("attributes", &Pairs(&l.attributes))?;
+        }
+        if !l.tracestate.is_empty() {
+            m.serialize_entry("tracestate", &l.tracestate)?;
+        }
+        if l.flags != 0 {
+            m.serialize_entry("flags", &l.flags)?;
+        }
+        m.end()
+    }
+}
+
+struct Events<'a>(&'a [SpanEvent]);
+
+impl Serialize for Events<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for e in self.0 {
+            seq.serialize_element(&Event(e))?;
+        }
+        seq.end()
+    }
+}
+
+struct Event<'a>(&'a SpanEvent);
+
+impl Serialize for Event<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = self.0;
+        let mut m = s.serialize_map(Some(2 + usize::from(!e.attributes.is_empty())))?;
+        m.serialize_entry("name", &e.name)?;
+        m.serialize_entry("time_unix_nano", &e.time_unix_nano)?;
+        if !e.attributes.is_empty() {
+            let mut attrs = Vec::with_capacity(e.attributes.len());
+            for (k, v) in &e.attributes {
+                attrs.push((k.clone(), Attr(v)));
+            }
+            m.serialize_entry("attributes", &AttrMap(&attrs))?;
+        }
+        m.end()
+    }
+}
+
+struct AttrMap<'a, 'b>(&'a [(String, Attr<'b>)]);
+
+impl Serialize for AttrMap<'_, '_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+/// The agent's typed attribute value: `{"type": N, "<kind>_value": v}`.
+struct Attr<'a>(&'a AttributeValue);
+
+impl Serialize for Attr<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(2))?;
+        match self.0 {
+            AttributeValue::String(v) => {
+                m.serialize_entry("type", &0u8)?;
+                m.serialize_entry("string_value", v)?;
+            }
+            AttributeValue::Bool(v) => {
+                m.serialize_entry("type", &1u8)?;
+                m.serialize_entry("bool_value", v)?;
+            }
+            AttributeValue::Int(v) => {
+                m.serialize_entry("type", &2u8)?;
+                m.serialize_entry("int_value", v)?;
+            }
+            AttributeValue::Float(v) => {
+                m.serialize_entry("type", &3u8)?;
+                m.serialize_entry("double_value", v)?;
+            }
+            AttributeValue::Array(items) => {
+                m.serialize_entry("type", &4u8)?;
+                let values: Vec<Attr<'_>> = items.iter().map(Attr).collect();
+                m.serialize_entry("array_value", &ArrayValue(&values))?;
+            }
+        }
+        m.end()
+    }
+}
+
+struct ArrayValue<'a, 'b>(&'a [Attr<'b>]);
+
+impl Serialize for ArrayValue<'_, '_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry("values", self.0)?;
+        m.end()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rmpv::Value;
+
+    fn get<'a>(map: &'a Value, key: &str) -> Option<&'a Value> {
+        map.as_map()?
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(key))
+            .map(|(_, v)| v)
+    }
+
+    pub(crate) fn sample_span() -> Span {
+        Span {
+            trace_id: (7u128 << 64) | 1,
+            span_id: 2,
+            parent_id: 3,
+            name: "rack.request".into(),
+            service: "web".into(),
+            resource: "GET /".into(),
+            r#type: "web".into(),
+            start: 1_700_000_000_000_000_000,
+            duration: 12_345,
+            error: 1,
+            meta: vec![("http.method".into(), "GET".into())],
+            metrics: vec![("_sampling_priority_v1".into(), 1.0)],
+            meta_struct: vec![("appsec".into(), vec![0x81, 0xa1, b'a', 0x01])],
+            span_links: vec![SpanLink {
+                trace_id: (5u128 << 64) | 9,
+                span_id: 10,
+                attributes: vec![("k".into(), "v".into())],
+                tracestate: "dd=s:1".into(),
+                flags: 1,
+            }],
+            span_events: vec![SpanEvent {
+                name: "exception".into(),
+                time_unix_nano: 99,
+                attributes: vec![
+                    ("message".into(), AttributeValue::String("boom".into())),
+                    (
+                        "list".into(),
+                        AttributeValue::Array(vec![AttributeValue::Int(1)]),
+                    ),
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn decodes_what_it_encoded() {
+        let span = sample_span();
+        let payload = encode(&[vec![span.clone()], vec![]]);
+        let v = rmpv::decode::read_value(&mut payload.as_slice()).unwrap();
+        let traces = v.as_array().unwrap();
+        assert_eq!(traces.len(), 2);
+        assert!(traces[1].as_array().unwrap().is_empty());
+        let s = &traces[0].as_array().unwrap()[0];
+        assert_eq!(s.as_map().unwrap().len(), 15);
+        assert_eq!(get(s, "trace_id").unwrap().as_u64(), Some(1));
+        assert_eq!(get(s, "span_id").unwrap().as_u64(), Some(2));
+        assert_eq!(get(s, "parent_id").unwrap().as_u64(), Some(3));
+        assert_eq!(get(s, "name").unwrap().as_str(), Some("rack.request"));
+        assert_eq!(get(s, "type").unwrap().as_str(), Some("web"));
+        assert_eq!(get(s, "start").unwrap().as_i64(), Some(span.start));
+        assert_eq!(get(s, "duration").unwrap().as_i64(), Some(12_345));
+        assert_eq!(get(s, "error").unwrap().as_i64(), Some(1));
+        assert_eq!(
+            get(get(s, "meta").unwrap(), "http.method")
+                .unwrap()
+                .as_str(),
+            Some("GET")
+        );
+        assert_eq!(
+            get(get(s, "metrics").unwrap(), "_sampling_priority_v1")
+                .unwrap()
+                .as_f64(),
+            Some(1.0)
+        );
+        let ms = get(get(s, "meta_struct").unwrap(), "appsec").unwrap();
+        assert_eq!(ms.as_slice(), Some(&[0x81, 0xa1, b'a', 0x01][..]));
+        let link = &get(s, "span_links").unwrap().as_array().unwrap()[0];
+        assert_eq!(get(link, "trace_id").unwrap().as_u64(), Some(9));
+        assert_eq!(get(link, "trace_id_high").unwrap().as_u64(), Some(5));
+        assert_eq!(get(link, "flags").unwrap().as_u64(), Some(1));
+        let ev = &get(s, "span_events").unwrap().as_array().unwrap()[0];
+        let msg = get(get(ev, "attributes").unwrap(), "message").unwrap();
+        assert_eq!(get(msg, "type").unwrap().as_u64(), Some(0));
+        assert_eq!(get(msg, "string_value").unwrap().as_str(), Some("boom"));
+    }
+
+    #[test]
+    fn minimal_span_leaves_out_empty_fields() {
+        let span = Span {
+            trace_id: 1,
+            span_id: 1,
+            name: "n".into(),
+            ..Default::default()
+        };
+        let payload = encode(&[vec![span]]);
+        let v = rmpv::decode::read_value(&mut payload.as_slice()).unwrap();
+        let s = &v.as_array().unwrap()[0].as_array().unwrap()[0];
+        let keys: Vec<&str> = s
+            .as_map()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "trace_id",
+                "span_id",
+                "parent_id",
+                "name",
+                "service",
+                "resource",
+                "start",
+                "duration",
+                "error"
+            ]
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! v0.5: `[strings, traces]` where every string is an index into `strings`.
+//!
+//! Each span is the 12-element array `[service, name, resource, trace_id,
+//! span_id, parent_id, start, duration, error, meta, metrics, type]`. The
+//! format has no field for span links, span events or meta_struct: links and
+//! events travel as JSON in meta (`_dd.span_links`, `events`), as tracers do
+//! for agents without native support; meta_struct cannot be carried and is
+//! left out (use v0.4 for AppSec payloads).
+
+use std::collections::HashMap;
+
+use super::{container_header_len, span_events_json, span_links_json, write_array_len};
+use crate::span::{Span, Trace};
+
+/// Builds one v0.5 payload trace by trace, so that the splitter can stop
+/// before a payload crosses its size cap.
+#[derive(Debug)]
+pub struct Builder {
+    strings: Vec<String>,
+    index: HashMap<String, u32>,
+    /// Encoded size of the string table entries (without its header).
+    strings_len: usize,
+    traces: Vec<u8>,
+    trace_count: usize,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Builder {
+    pub fn new() -> Builder {
+        let mut b = Builder {
+            strings: Vec::new(),
+            index: HashMap::new(),
+            strings_len: 0,
+            traces: Vec::new(),
+            trace_count: 0,
+        };
+        b.intern("");
+        b
+    }
+
+    /// Number of traces added so far.
+    pub fn trace_count(&self) -> usize {
+        self.trace_count
+    }
+
+    /// The exact size `finish` would produce now.
+    pub fn encoded_len(&self) -> usize {
+        1 + container_header_len(self.strings.len())
+            + self.strings_len
+            + container_header_len(self.trace_count)
+            + self.traces.len()
+    }
+
+    /// Adds a trace if the payload stays within `cap` bytes (or if it is the
+    /// first trace and `cap` is `None`). Returns whether it was added; when
+    /// not, the builder is unchanged.
+    pub fn try_add(&mut self, trace: &Trace, cap: Option<usize>) -> bool {
+        let strings_before = self.strings.len();
+        let strings_len_before = self.strings_len;
+        let traces_before = self.traces.len();
+        let mut buf = std::mem::take(&mut self.traces);
+        self.encode_trace(&mut buf, trace);
+        self.traces = buf;
+        self.trace_count += 1;
+        if cap.is_some_and(|cap| self.encoded_len() > cap) {
+            for s in self.strings.drain(strings_before..) {
+                self.index.remove(&s);
+            }
+            self.strings_len = strings_len_before;
+            self.traces.truncate(traces_before);
+            self.trace_count -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// The finished payload.
+    pub fn finish(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        write_array_len(&mut out, 2);
+        write_array_len(&mut out, self.strings.len());
+        for s in &self.strings {
+            let _ = rmp::encode::write_str(&mut out, s);
+        }
+        write_array_len(&mut out, self.trace_count);
+        out.extend_from_slice(&self.traces);
+        out
+    }
+
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(&i) = self.index.get(s) {
+            return i;
+        }
+        let i = self.strings.len() as u32;
+        let mut tmp = Vec::with_capacity(s.len() + 5);
+        let _ = rmp::encode::write_str(&mut tmp, s);
+        self.strings_len += tmp.len();
+        self.strings.push(s.to_owned());
+        self.index.insert(s.to_owned(), i);
+        i
+    }
+
+    fn uint(buf: &mut Vec<u8>, v: u64) {
+        let _ = rmp::encode::write_uint(buf, v);
+    }
+
+    fn encode_trace(&mut self, buf: &mut Vec<u8>, trace: &Trace) {
+        write_array_len(buf, trace.len());
+        for span in trace {
+            self.encode_span(buf, span);
+        }
+    }
+
+    fn encode_span(&mut self, buf: &mut Vec<u8>, sp: &Span) {
+        write_array_len(buf, 12);
+        for s in [&sp.service, &sp.name, &sp.resource] {
+            let i = self.intern(s);
+            Self::uint(buf, i.into());
+        }
+        Self::uint(buf, sp.trace_id_low());
+        Self::uint(buf, sp.span_id);
+        Self::uint(buf, sp.parent_id);
+        let _ = rmp::encode::write_sint(buf, sp.start);
+        let _ = rmp::encode::write_sint(buf, sp.duration);
+        let _ = rmp::encode::write_sint(buf, sp.error.into());
+
+        let links = (!sp.span_links.is_empty()).then(|| span_links_json(&sp.span_links));
+        let events = (!sp.span_events.is_empty()).then(|| span_events_json(&sp.span_events));
+        let extra = usize::from(links.is_some()) + usize::from(events.is_some());
+        let _ = rmp::encode::write_map_len(buf, (sp.meta.len() + extra) as u32);
+        let extras = [("_dd.span_links", links), ("events", events)];
+        let extras = extras
+            .iter()
+            .filter_map(|(k, v)| v.as_deref().map(|v| (*k, v)));
+        for (k, v) in sp
+            .meta
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(extras)
+        {
+            let k = self.intern(k);
+            let v = self.intern(v);
+            Self::uint(buf, k.into());
+            Self::uint(buf, v.into());
+        }
+        let _ = rmp::encode::write_map_len(buf, sp.metrics.len() as u32);
+        for (k, v) in &sp.metrics {
+            let k = self.intern(k);
+            Self::uint(buf, k.into());
+            let _ = rmp::encode::write_f64(buf, *v);
+        }
+        let t = self.intern(&sp.r#type);
+        Self::uint(buf, t.into());
+    }
+}
+
+/// Encodes traces into one v0.5 payload.
+pub fn encode(traces: &[Trace]) -> Vec<u8> {
+    let mut b = Builder::new();
+    for t in traces {
+        b.try_add(t, None);
+    }
+    b.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmpv::Value;
+
+    fn decode(payload: &[u8]) -> (Vec<String>, Vec<Value>) {
+        let v = rmpv::decode::read_value(&mut &payload[..]).unwrap();
+        let top = v.as_array().unwrap();
+        let strings = top[0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect();
+        (strings, top[1].as_array().unwrap().clone())
+    }
+
+    #[test]
+    fn decodes_what_it_encoded() {
+        let mut span = crate::encode::v04::tests::sample_span();
+        span.meta_struct.clear();
+        let payload = encode(&[vec![span.clone(), span.clone()]]);
+        assert_eq!(payload.len(), {
+            let mut b = Builder::new();
+            b.try_add(&vec![span.clone(), span.clone()], None);
+            b.encoded_len()
+        });
+        let (strings, traces) = decode(&payload);
+        assert_eq!(strings[0], "");
+        let spans = traces[0].as_array().unwrap();
+        assert_eq!(spans.len(), 2);
+        let s = spans[0].as_array().unwrap();
+        assert_eq!(s.len(), 12);
+        let st = |v: &Value| strings[v.as_u64().unwrap() as usize].clone();
+        assert_eq!(st(&s[0]), "web");
+        assert_eq!(st(&s[1]), "rack.request");
+        assert_eq!(st(&s[2]), "GET /");
+        assert_eq!(s[3].as_u64(), Some(1));
+        assert_eq!(s[4].as_u64(), Some(2));
+        assert_eq!(s[5].as_u64(), Some(3));
+        assert_eq!(s[6].as_i64(), Some(span.start));
+        assert_eq!(s[7].as_i64(), Some(12_345));
+        assert_eq!(s[8].as_i64(), Some(1));
+        let meta: Vec<(String, String)> = s[9]
+            .as_map()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (st(k), st(v)))
+            .collect();
+        assert_eq!(meta[0], ("http.method".into(), "GET".into()));
+        assert_eq!(meta[1].0, "_dd.span_links");
+        assert!(meta[1].1.contains("\"tracestate\":\"dd=s:1\""));
+        assert_eq!(meta[2].0, "events");
+        let metrics = s[10].as_map().unwrap();
+        assert_eq!(st(&metrics[0].0), "_sampling_priority_v1");
+        assert_eq!(metrics[0].1.as_f64(), Some(1.0));
+        assert_eq!(st(&s[11]), "web");
+        // Strings are shared, not repeated.
+        assert_eq!(strings.iter().filter(|s| *s == "rack.request").count(), 1);
+    }
+
+    #[test]
+    fn try_add_over_cap_leaves_builder_unchanged() {
+        let span = crate::encode::v04::tests::sample_span();
+        let mut b = Builder::new();
+        assert!(b.try_add(&vec![span.clone()], Some(10_000)));
+        let len = b.encoded_len();
+        let mut big = span.clone();
+        big.resource = "x".repeat(20_000);
+        assert!(!b.try_add(&vec![big], Some(10_000)));
+        assert_eq!(b.encoded_len(), len);
+        assert_eq!(b.trace_count(), 1);
+        let payload = b.finish();
+        assert_eq!(payload.len(), len);
+        let (strings, traces) = decode(&payload);
+        assert_eq!(traces.len(), 1);
+        assert!(strings.iter().all(|s| s.len() < 1000));
+    }
+}

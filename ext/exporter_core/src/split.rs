@@ -1,0 +1,179 @@
+//! Splitting traces into request bodies under the agent's payload cap.
+//!
+//! Traces are never cut: a body holds whole traces, in order. A trace that
+//! alone would exceed the cap cannot be sent at all; it is dropped and
+//! counted so the caller can report it.
+
+use crate::encode::{container_header_len, v04, v05, Protocol};
+use crate::span::Trace;
+
+/// The agent's default limit on one request body.
+pub const DEFAULT_MAX_PAYLOAD: usize = 5 * 1024 * 1024;
+
+/// One request body and how many traces it carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Payload {
+    pub body: Vec<u8>,
+    pub trace_count: usize,
+}
+
+/// The bodies to send plus what could not be sent.
+#[derive(Debug, Default, PartialEq)]
+pub struct Split {
+    pub payloads: Vec<Payload>,
+    /// Traces dropped because alone they exceed the cap.
+    pub oversized_traces: usize,
+}
+
+/// Encodes `traces` into as few bodies as fit under `cap` bytes each.
+pub fn split(traces: &[Trace], protocol: Protocol, cap: usize) -> Split {
+    match protocol {
+        Protocol::V04 => split_v04(traces, cap),
+        Protocol::V05 => split_v05(traces, cap),
+    }
+}
+
+fn split_v04(traces: &[Trace], cap: usize) -> Split {
+    let mut out = Split::default();
+    let mut group: Vec<Vec<u8>> = Vec::new();
+    let mut group_len = 0usize;
+    let flush = |group: &mut Vec<Vec<u8>>, group_len: &mut usize, out: &mut Split| {
+        if !group.is_empty() {
+            out.payloads.push(Payload {
+                body: v04::encode_payload(group.iter().map(|b| b.as_slice())),
+                trace_count: group.len(),
+            });
+            group.clear();
+            *group_len = 0;
+        }
+    };
+    for trace in traces {
+        let mut enc = Vec::new();
+        v04::encode_trace(&mut enc, trace);
+        if container_header_len(1) + enc.len() > cap {
+            out.oversized_traces += 1;
+            continue;
+        }
+        let with = container_header_len(group.len() + 1) + group_len + enc.len();
+        if with > cap {
+            flush(&mut group, &mut group_len, &mut out);
+        }
+        group_len += enc.len();
+        group.push(enc);
+    }
+    flush(&mut group, &mut group_len, &mut out);
+    out
+}
+
+fn split_v05(traces: &[Trace], cap: usize) -> Split {
+    let mut out = Split::default();
+    let mut builder = v05::Builder::new();
+    for trace in traces {
+        if builder.try_add(trace, Some(cap)) {
+            continue;
+        }
+        if builder.trace_count() > 0 {
+            let full = std::mem::take(&mut builder);
+            out.payloads.push(Payload {
+                trace_count: full.trace_count(),
+                body: full.finish(),
+            });
+            if builder.try_add(trace, Some(cap)) {
+                continue;
+            }
+        }
+        out.oversized_traces += 1;
+    }
+    if builder.trace_count() > 0 {
+        out.payloads.push(Payload {
+            trace_count: builder.trace_count(),
+            body: builder.finish(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::span::Span;
+
+    fn trace(id: u64, resource_len: usize) -> Trace {
+        vec![Span {
+            trace_id: id.into(),
+            span_id: id,
+            name: "n".into(),
+            resource: "r".repeat(resource_len),
+            ..Default::default()
+        }]
+    }
+
+    fn decoded_trace_ids(p: &Payload, protocol: Protocol) -> Vec<u64> {
+        let v = rmpv::decode::read_value(&mut p.body.as_slice()).unwrap();
+        let traces = match protocol {
+            Protocol::V04 => v.as_array().unwrap().clone(),
+            Protocol::V05 => v.as_array().unwrap()[1].as_array().unwrap().clone(),
+        };
+        traces
+            .iter()
+            .map(|t| {
+                let s = &t.as_array().unwrap()[0];
+                match protocol {
+                    Protocol::V04 => s.as_map().unwrap()[0].1.as_u64().unwrap(),
+                    Protocol::V05 => s.as_array().unwrap()[3].as_u64().unwrap(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn everything_fits_in_one_body() {
+        for protocol in [Protocol::V04, Protocol::V05] {
+            let traces: Vec<Trace> = (1..=10).map(|i| trace(i, 10)).collect();
+            let s = split(&traces, protocol, DEFAULT_MAX_PAYLOAD);
+            assert_eq!(s.payloads.len(), 1);
+            assert_eq!(s.payloads[0].trace_count, 10);
+            assert_eq!(s.oversized_traces, 0);
+        }
+    }
+
+    #[test]
+    fn splits_between_traces_under_the_cap_in_order() {
+        for protocol in [Protocol::V04, Protocol::V05] {
+            let traces: Vec<Trace> = (1..=50).map(|i| trace(i, 300 + i as usize)).collect();
+            let cap = 2_000;
+            let s = split(&traces, protocol, cap);
+            assert!(s.payloads.len() > 5, "{protocol:?}: {}", s.payloads.len());
+            let mut ids = Vec::new();
+            for p in &s.payloads {
+                assert!(p.body.len() <= cap, "{protocol:?}: {}", p.body.len());
+                let got = decoded_trace_ids(p, protocol);
+                assert_eq!(got.len(), p.trace_count);
+                ids.extend(got);
+            }
+            assert_eq!(ids, (1..=50).collect::<Vec<u64>>());
+            assert_eq!(s.oversized_traces, 0);
+        }
+    }
+
+    #[test]
+    fn oversized_trace_is_dropped_and_counted_others_sent() {
+        for protocol in [Protocol::V04, Protocol::V05] {
+            let traces = vec![trace(1, 10), trace(2, 5_000), trace(3, 10)];
+            let s = split(&traces, protocol, 1_000);
+            assert_eq!(s.oversized_traces, 1, "{protocol:?}");
+            let ids: Vec<u64> = s
+                .payloads
+                .iter()
+                .flat_map(|p| decoded_trace_ids(p, protocol))
+                .collect();
+            assert_eq!(ids, vec![1, 3]);
+        }
+    }
+
+    #[test]
+    fn empty_input_gives_no_body() {
+        assert_eq!(split(&[], Protocol::V04, 100), Split::default());
+        assert_eq!(split(&[], Protocol::V05, 100), Split::default());
+    }
+}

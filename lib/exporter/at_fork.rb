@@ -1,0 +1,135 @@
+# frozen_string_literal: true
+
+module Exporter
+  # Fork hooks: `:before` (parent, before fork), `:parent` (parent, after
+  # fork, also when it failed, to undo `:before`) and `:child` (child).
+  #
+  # Installed once, on require, by patching `Process._fork` (Ruby >= 3.1,
+  # which `Kernel#fork`, `Process.fork` and `IO.popen("-")` go through) and
+  # `Process.daemon` (which forks in C: it runs `:before`, then `:child`).
+  #
+  # As with pthread_atfork, `:before` hooks run in reverse registration
+  # order and `:parent`/`:child` hooks in registration order, so a hook
+  # registered early (the runtime's) brackets the ones registered after it
+  # (the transports' send locks).
+  #
+  # The registry is copy-on-write: running hooks never locks, so forking
+  # from a trap handler works.
+  module AtFork
+    STAGES = %i[before parent child].freeze
+
+    # What `at_fork` returns; pass it to `remove_at_fork`. Hooks that share
+    # an `owner` are paired: when a :before hook raises, only the :parent
+    # hooks of owners whose :before already ran are run to undo it.
+    Handle = Struct.new(:stage, :callable, :owner)
+
+    @hooks = STAGES.to_h { |s| [s, [].freeze] }.freeze
+    @lock = Mutex.new
+
+    class << self
+      def at_fork(stage, callable = nil, owner: nil, &block)
+        check_stage(stage)
+        callable ||= block
+        raise ArgumentError, "at_fork needs a block or a callable" unless callable.respond_to?(:call)
+
+        handle = Handle.new(stage, callable, owner).freeze
+        update { |hooks| hooks.merge(stage => (hooks[stage] + [handle]).freeze) }
+        handle
+      end
+
+      # Returns true when the hook was registered.
+      def remove_at_fork(stage, handle)
+        check_stage(stage)
+        removed = false
+        update do |hooks|
+          list = hooks[stage].reject { |h| h.equal?(handle) }
+          removed = list.size != hooks[stage].size
+          hooks.merge(stage => list.freeze)
+        end
+        removed
+      end
+
+      def hooks(stage)
+        @hooks.fetch(stage)
+      end
+
+      # Runs the :before hooks; if one raises, runs the :parent hooks of
+      # the owners whose :before ran, then re-raises.
+      def run_before
+        ran = []
+        hooks(:before).reverse_each do |h|
+          h.callable.call
+          ran << h.owner if h.owner
+        end
+      rescue Exception # rubocop:disable Lint/RescueException
+        run_parent(only_owners: ran)
+        raise
+      end
+
+      # Runs :parent hooks (all, or those of `only_owners`).
+      def run_parent(only_owners: nil)
+        hooks(:parent).each do |h|
+          next if only_owners && !only_owners.include?(h.owner)
+
+          h.callable.call
+        end
+        nil
+      end
+
+      def run_child
+        hooks(:child).each { |h| h.callable.call }
+        nil
+      end
+
+      private
+
+      def check_stage(stage)
+        return if STAGES.include?(stage)
+
+        raise ArgumentError, "unknown at_fork stage #{stage.inspect} (expected one of #{STAGES.inspect})"
+      end
+
+      def update
+        @lock.synchronize { @hooks = yield(@hooks).freeze }
+      rescue ThreadError
+        # In a trap handler Mutex is forbidden; the handler runs on the main
+        # thread with the GVL, so the swap below is not interleaved.
+        @hooks = yield(@hooks).freeze
+      end
+    end
+
+    # The patch prepended to Process's singleton class.
+    module ProcessPatch
+      def _fork
+        AtFork.run_before
+        pid = begin
+          super
+        rescue Exception # rubocop:disable Lint/RescueException
+          AtFork.run_parent
+          raise
+        end
+        pid.zero? ? AtFork.run_child : AtFork.run_parent
+        pid
+      end
+
+      def daemon(*args)
+        AtFork.run_before
+        begin
+          result = super
+        rescue Exception # rubocop:disable Lint/RescueException
+          AtFork.run_parent
+          raise
+        end
+        AtFork.run_child
+        result
+      end
+    end
+
+    def self.install!
+      return if @installed
+
+      Process.singleton_class.prepend(ProcessPatch)
+      @installed = true
+    end
+  end
+end

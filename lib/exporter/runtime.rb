@@ -1,0 +1,24 @@
+# frozen_string_literal: true
+
+module Exporter
+  # Drives the native runtime's fork lifecycle from the at_fork hooks.
+  #
+  # Registered once, first, so that (hooks run like pthread_atfork's) its
+  # :before runs after every transport has taken its send lock, and its
+  # :parent/:child run before the transports release theirs.
+  module Runtime
+    class << self
+      def install!
+        return if @installed
+
+        AtFork.at_fork(:before, owner: self) { Native.before_fork }
+        AtFork.at_fork(:parent, owner: self) { Native.after_fork_parent }
+        AtFork.at_fork(:child, owner: self) { Native.after_fork_child }
+        @installed = true
+      end
+
+      def running? = Native.runtime_running?
+      def thread_count = Native.runtime_thread_count
+    end
+  end
+end

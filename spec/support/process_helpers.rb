@@ -1,0 +1,68 @@
+# frozen_string_literal: true
+
+require "rbconfig"
+
+# Spawning and reaping processes with a bound: a hang fails the spec.
+module ProcessHelpers
+  # Waits for `pid` at most `timeout` seconds; past that, kills it (and its
+  # process group when it leads one) and fails. Returns Process::Status.
+  def wait_bounded(pid, timeout: 20)
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+    loop do
+      _, status = Process.waitpid2(pid, Process::WNOHANG)
+      return status if status
+      break if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+
+      sleep 0.01
+    end
+    kill_hard(pid)
+    raise "process #{pid} did not exit within #{timeout}s (killed)"
+  end
+
+  def kill_hard(pid)
+    begin
+      Process.kill(:KILL, -Process.getpgid(pid)) if Process.getpgid(pid) == pid
+    rescue Errno::ESRCH, Errno::EPERM
+      nil
+    end
+    begin
+      Process.kill(:KILL, pid)
+    rescue Errno::ESRCH
+      nil
+    end
+    Process.waitpid(pid) rescue nil # rubocop:disable Style/RescueModifier
+  end
+
+  # Forks, runs the block in the child (exit status 0 unless it raises),
+  # waits with a bound and returns the child's status.
+  def fork_and_wait(timeout: 20, &block)
+    pid = fork do
+      code = 0
+      begin
+        block.call
+      rescue Exception => e # rubocop:disable Lint/RescueException
+        warn "child #{Process.pid} failed: #{e.class}: #{e.message}\n#{e.backtrace.first(5).join("\n")}"
+        code = 1
+      end
+      exit!(code)
+    end
+    wait_bounded(pid, timeout: timeout)
+  end
+
+  def ruby_bin = RbConfig.ruby
+  def lib_dir = File.expand_path("../../lib", __dir__)
+
+  def monotonic = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+
+  # Polls until the block is truthy or `timeout` passes; returns its value.
+  def eventually(timeout: 10, interval: 0.02)
+    deadline = monotonic + timeout
+    loop do
+      value = yield
+      return value if value
+      raise "condition not met within #{timeout}s" if monotonic > deadline
+
+      sleep interval
+    end
+  end
+end
