@@ -80,11 +80,9 @@ module Exporter
       end
 
       def seconds(name, value)
-        f = Float(value)
-        return f if f.finite? && f.positive?
+        f = Float(value, exception: false) if value.is_a?(Numeric) || value.is_a?(String)
+        return f if f&.finite? && f.positive?
 
-        raise ArgumentError, "#{name} must be a positive number of seconds (got #{value.inspect})"
-      rescue TypeError
         raise ArgumentError, "#{name} must be a positive number of seconds (got #{value.inspect})"
       end
     end
