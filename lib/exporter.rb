@@ -15,6 +15,7 @@ end
 
 require_relative "exporter/runtime"
 require_relative "exporter/transport"
+require_relative "exporter/writer"
 
 # Telemetry export for Ruby processes, with a native core: see README.md.
 module Exporter

@@ -3,6 +3,7 @@
 //! One file per Ruby class or module; each converts at the boundary and
 //! delegates to `exporter_core`, which owns all behaviour:
 //! - `transport`: `Exporter::Transport`
+//! - `writer`: `Exporter::Writer`
 //! - `native`: `Exporter::Native` (runtime fork lifecycle)
 //! - `convert`: Ruby spans to core spans (the GVL-held part)
 //! - `gvl`: waiting without the GVL, with a cancelling unblock function
@@ -12,6 +13,7 @@ mod errors;
 mod gvl;
 mod native;
 mod transport;
+mod writer;
 
 use magnus::{Error, Ruby};
 
@@ -19,6 +21,7 @@ use magnus::{Error, Ruby};
 fn init(ruby: &Ruby) -> Result<(), Error> {
     let module = ruby.define_module("Exporter")?;
     transport::init(ruby, module)?;
+    writer::init(ruby, module)?;
     native::init(module)?;
     Ok(())
 }

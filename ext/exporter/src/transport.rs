@@ -5,7 +5,6 @@
 //! only convert at the boundary and run the send on the shared runtime,
 //! waiting for it with the GVL released (see `crate::gvl`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +22,6 @@ use crate::{convert, errors, gvl};
 #[magnus::wrap(class = "Exporter::Transport", free_immediately, size)]
 pub struct Transport {
     exporter: Arc<TraceExporter>,
-    closed: AtomicBool,
 }
 
 fn opt<T: magnus::TryConvert>(ruby: &Ruby, opts: RHash, key: &str) -> Result<T, Error> {
@@ -88,35 +86,32 @@ impl Transport {
         let exporter = TraceExporter::new(config).map_err(|e| errors::argument(ruby, e))?;
         Ok(Transport {
             exporter: Arc::new(exporter),
-            closed: AtomicBool::new(false),
         })
     }
 
     /// Sends already-converted traces and waits without the GVL.
     pub fn send_converted(&self, ruby: &Ruby, traces: Vec<Trace>) -> Result<SendReport, Error> {
         let count = traces.len();
-        if self.closed.load(Ordering::Acquire) {
-            return Ok(failed(count, "transport is closed".into()));
-        }
         if count == 0 {
             return Ok(SendReport::default());
         }
         let (handle, generation) = match runtime::handle() {
             Ok(h) => h,
-            Err(e) => return Ok(failed(count, e.to_string())),
+            Err(e) => return Ok(SendReport::failed(count, e.to_string())),
         };
         let work = CancellationToken::new();
         let (tx, rx) = oneshot::channel();
         let exporter = self.exporter.clone();
         let cancelled = work.clone();
+        let mut traces = traces;
         handle.spawn(async move {
             tokio::select! {
-                report = exporter.send(traces, generation) => { let _ = tx.send(report); }
+                report = exporter.send(&mut traces, generation) => { let _ = tx.send(report); }
                 _ = cancelled.cancelled() => {}
             }
         });
         Ok(gvl::wait(ruby, rx, &work)?.unwrap_or_else(|| {
-            failed(count, "send abandoned: the process forked during it".into())
+            SendReport::failed(count, "send abandoned: the process forked during it".into())
         }))
     }
 
@@ -127,26 +122,21 @@ impl Transport {
         report_to_hash(ruby, &report)
     }
 
+    /// The shared exporter, for writers built on this transport.
+    pub fn exporter(&self) -> Arc<TraceExporter> {
+        self.exporter.clone()
+    }
+
     fn close(&self) {
-        if !self.closed.swap(true, Ordering::AcqRel) {
-            self.exporter.clear_connections();
-        }
+        self.exporter.close();
     }
 
     fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.exporter.is_closed()
     }
 
     fn url(&self) -> String {
         self.exporter.config().url.clone()
-    }
-}
-
-fn failed(count: usize, error: String) -> SendReport {
-    SendReport {
-        failed_traces: count,
-        error: Some(error),
-        ..Default::default()
     }
 }
 

@@ -97,6 +97,15 @@ pub struct SendReport {
 }
 
 impl SendReport {
+    /// A report of `count` traces not sent because of `error`.
+    pub fn failed(count: usize, error: String) -> SendReport {
+        SendReport {
+            failed_traces: count,
+            error: Some(error),
+            ..Default::default()
+        }
+    }
+
     /// Whether every trace was accepted.
     pub fn is_ok(&self) -> bool {
         self.error.is_none() && self.failed_traces == 0 && self.oversized_traces == 0
@@ -131,6 +140,7 @@ pub struct TraceExporter {
     config: Config,
     client: Client,
     fixed_headers: Vec<(&'static str, String)>,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 fn check_header(name: &'static str, value: &str) -> Result<(), ConfigError> {
@@ -172,6 +182,7 @@ impl TraceExporter {
             client: Client::new(endpoint),
             config,
             fixed_headers,
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -179,27 +190,38 @@ impl TraceExporter {
         &self.config
     }
 
-    /// Drops pooled connections (used by `close`).
-    pub fn clear_connections(&self) {
-        self.client.clear();
+    /// Stops sending: later sends report every trace as failed with
+    /// "transport is closed". Pooled connections are dropped. Idempotent.
+    pub fn close(&self) {
+        if !self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.client.clear();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Sends `traces`; must run on the shared runtime of `generation`.
-    pub async fn send(&self, mut traces: Vec<Trace>, generation: u64) -> SendReport {
+    /// The traces are borrowed (and normalised in place, idempotently) so a
+    /// caller whose send is cancelled still holds them.
+    pub async fn send(&self, traces: &mut [Trace], generation: u64) -> SendReport {
+        if self.is_closed() {
+            return SendReport::failed(traces.len(), "transport is closed".into());
+        }
         for t in traces.iter_mut() {
             normalize_trace(t, &self.config.defaults);
         }
         let deadline = Instant::now() + self.config.deadline;
-        let parts = split(&traces, self.config.protocol, self.config.max_payload);
-        drop(traces);
+        let parts = split(traces, self.config.protocol, self.config.max_payload);
         let mut report = SendReport {
             oversized_traces: parts.oversized_traces,
             ..Default::default()
         };
         if parts.oversized_traces > 0 {
             report.note_error(format!(
-                "{} trace(s) dropped: each alone exceeds the {} byte payload limit",
-                parts.oversized_traces, self.config.max_payload
+                "trace(s) dropped: each alone exceeds the {} byte payload limit",
+                self.config.max_payload
             ));
         }
         let mut payloads = parts.payloads.into_iter();

@@ -19,7 +19,7 @@ use tokio::runtime::Handle;
 /// A background worker driven by the runtime lifecycle.
 pub trait Worker: Send + Sync {
     /// Spawns the worker's task on `handle`.
-    fn start(&self, handle: &Handle);
+    fn start(self: Arc<Self>, handle: &Handle);
     /// Stops the task before fork; must return in bounded time.
     fn pause(&self);
     /// Prepares to be started again after fork.
@@ -45,7 +45,7 @@ pub fn register(worker: &Arc<dyn Worker>) -> Result<(), crate::runtime::RuntimeE
     let (handle, _) = crate::runtime::handle()?;
     if running {
         // A runtime that was already up did not see this worker start.
-        worker.start(&handle);
+        worker.clone().start(&handle);
     }
     Ok(())
 }
@@ -92,7 +92,7 @@ mod tests {
     }
 
     impl Worker for Ticker {
-        fn start(&self, handle: &Handle) {
+        fn start(self: Arc<Self>, handle: &Handle) {
             let token = CancellationToken::new();
             *self.stop.lock().unwrap() = Some(token.clone());
             self.starts.fetch_add(1, Ordering::SeqCst);

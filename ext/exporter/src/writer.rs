@@ -1,0 +1,112 @@
+//! `Exporter::Writer`, native half: `write` converts on the caller's thread
+//! and queues; the flusher is a background worker of `exporter_core`.
+//! The Ruby half (`lib/exporter/writer.rb`) adds defaults, `stop` and the
+//! exit-time flush.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use exporter_core::runtime;
+use exporter_core::worker::{self, Worker};
+use exporter_core::writer::TraceWriter;
+use magnus::{function, method, prelude::*, Error, RHash, RModule, Ruby, Value};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::transport::Transport;
+use crate::{convert, errors, gvl};
+
+#[magnus::wrap(class = "Exporter::Writer", free_immediately, size)]
+pub struct Writer {
+    inner: Arc<TraceWriter>,
+}
+
+impl Writer {
+    fn native_new(
+        ruby: &Ruby,
+        transport: &Transport,
+        buffer_size: i64,
+        flush_interval: f64,
+    ) -> Result<Writer, Error> {
+        if buffer_size <= 0 {
+            return Err(errors::argument(ruby, "buffer_size must be positive"));
+        }
+        if !(flush_interval.is_finite() && flush_interval > 0.0) {
+            return Err(errors::argument(
+                ruby,
+                "flush_interval must be a positive number of seconds",
+            ));
+        }
+        let inner = Arc::new(TraceWriter::new(
+            transport.exporter(),
+            buffer_size as usize,
+            Duration::from_secs_f64(flush_interval),
+        ));
+        let as_worker: Arc<dyn Worker> = inner.clone();
+        worker::register(&as_worker).map_err(|e| errors::argument(ruby, e))?;
+        Ok(Writer { inner })
+    }
+
+    /// Converts and validates `trace` (raising `InvalidTraceError`), then
+    /// queues it. Never blocks on I/O. False when dropped.
+    fn write(ruby: &Ruby, rb_self: &Self, trace: Value) -> Result<bool, Error> {
+        let trace = convert::trace(ruby, trace, 0)?;
+        Ok(rb_self.inner.write(trace))
+    }
+
+    /// Waits, without the GVL, until everything written so far was sent.
+    fn flush(ruby: &Ruby, rb_self: &Self, timeout: f64) -> Result<bool, Error> {
+        if !(timeout.is_finite() && timeout >= 0.0) {
+            return Err(errors::argument(
+                ruby,
+                "timeout must be a non-negative number of seconds",
+            ));
+        }
+        let Ok((handle, _)) = runtime::handle() else {
+            return Ok(false);
+        };
+        let flushed = rb_self.inner.flush();
+        let (tx, rx) = oneshot::channel();
+        let work = CancellationToken::new();
+        let cancelled = work.clone();
+        let limit = Duration::from_secs_f64(timeout);
+        handle.spawn(async move {
+            tokio::select! {
+                r = tokio::time::timeout(limit, flushed) => { let _ = tx.send(r.unwrap_or(false)); }
+                _ = cancelled.cancelled() => {}
+            }
+        });
+        Ok(gvl::wait(ruby, rx, &work)?.unwrap_or(false))
+    }
+
+    fn stop_flusher(&self) {
+        self.inner.stop();
+    }
+
+    fn stats(ruby: &Ruby, rb_self: &Self) -> Result<RHash, Error> {
+        let s = rb_self.inner.stats();
+        let h = ruby.hash_new();
+        for (k, v) in [
+            ("written", s.written),
+            ("sent", s.sent),
+            ("dropped", s.dropped),
+            ("failed", s.failed),
+            ("queued", s.queued),
+            ("requests", s.requests),
+        ] {
+            h.aset(ruby.to_symbol(k), v)?;
+        }
+        h.aset(ruby.to_symbol("last_error"), rb_self.inner.last_error())?;
+        Ok(h)
+    }
+}
+
+pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
+    let class = module.define_class("Writer", ruby.class_object())?;
+    class.define_singleton_method("_native_new", function!(Writer::native_new, 3))?;
+    class.define_method("write", method!(Writer::write, 1))?;
+    class.define_method("_flush", method!(Writer::flush, 1))?;
+    class.define_method("_stop", method!(Writer::stop_flusher, 0))?;
+    class.define_method("stats", method!(Writer::stats, 0))?;
+    Ok(())
+}
