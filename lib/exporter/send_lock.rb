@@ -18,10 +18,16 @@ module Exporter
       reset
     end
 
+    # Runs the block as the only send in flight. In a trap handler (where
+    # Ruby forbids Mutex) the block runs unserialised.
     def synchronize
-      @mutex.synchronize do
-        @cond.wait(@mutex) while @busy || @forks_pending.positive?
-        @busy = true
+      begin
+        @mutex.synchronize do
+          @cond.wait(@mutex) while @busy || @forks_pending.positive?
+          @busy = true
+        end
+      rescue ThreadError # trap context
+        return yield
       end
       begin
         yield

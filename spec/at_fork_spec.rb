@@ -1,0 +1,137 @@
+# frozen_string_literal: true
+
+RSpec.describe Exporter::AtFork do
+  around do |ex|
+    @handles = []
+    ex.run
+  ensure
+    @handles.each { |h| described_class.remove_at_fork(h.stage, h) }
+  end
+
+  def hook(stage, owner: nil, &blk)
+    described_class.at_fork(stage, owner: owner, &blk).tap { |h| @handles << h }
+  end
+
+  # Runs `blk` in a forked child and returns what it wrote to the pipe.
+  def in_child_output(&blk)
+    r, w = IO.pipe
+    pid = fork do
+      r.close
+      w.write(blk.call.to_s)
+      w.close
+      exit!(0)
+    end
+    w.close
+    out = r.read
+    r.close
+    expect(wait_bounded(pid)).to be_success
+    out
+  end
+
+  it "runs :before, then :parent in the parent and :child in the child" do
+    events = []
+    hook(:before) { events << :before }
+    hook(:parent) { events << :parent }
+    child_events = []
+    hook(:child) { child_events << :child }
+    out = in_child_output { child_events.inspect }
+    expect(events).to eq(%i[before parent])
+    expect(out).to eq("[:child]")
+  end
+
+  it "runs :before in reverse registration order, :parent/:child in order" do
+    order = []
+    hook(:before) { order << :b1 }
+    hook(:before) { order << :b2 }
+    hook(:parent) { order << :p1 }
+    hook(:parent) { order << :p2 }
+    Process.wait(fork { exit!(0) })
+    expect(order).to eq(%i[b2 b1 p1 p2])
+  end
+
+  it "remove_at_fork removes the hook" do
+    calls = 0
+    h = hook(:before) { calls += 1 }
+    expect(described_class.remove_at_fork(:before, h)).to be(true)
+    expect(described_class.remove_at_fork(:before, h)).to be(false)
+    Process.wait(fork { exit!(0) })
+    expect(calls).to eq(0)
+  end
+
+  it "rejects unknown stages and missing blocks" do
+    expect { described_class.at_fork(:after) { nil } }.to raise_error(ArgumentError, /stage/)
+    expect { described_class.at_fork(:before) }.to raise_error(ArgumentError, /block/)
+  end
+
+  it "a :before hook raising stops the fork and undoes only the owners whose :before ran" do
+    undone = []
+    hook(:before, owner: :a) { nil }
+    hook(:parent, owner: :a) { undone << :a }
+    hook(:before, owner: :b) { raise "no fork now" } # runs first (reverse order)
+    hook(:parent, owner: :b) { undone << :b }
+    hook(:before, owner: :c) { nil } # registered last: ran before :b raised
+    hook(:parent, owner: :c) { undone << :c }
+    expect { fork { exit!(0) } }.to raise_error(RuntimeError, "no fork now")
+    expect(undone).to eq([:c])
+  end
+
+  it "a failed fork (_fork raising EAGAIN) runs :parent and restores the parent" do
+    events = []
+    hook(:before) { events << :before }
+    hook(:parent) { events << :parent }
+    # The same patch Process gets, over a _fork that fails like fork(2) can.
+    failing = Object.new
+    def failing._fork = raise(Errno::EAGAIN, "simulated")
+    failing.singleton_class.prepend(Exporter::AtFork::ProcessPatch)
+    expect { failing._fork }.to raise_error(Errno::EAGAIN)
+    expect(events).to eq(%i[before parent])
+    # The runtime hooks ran too: it was stopped and restarted, and sends work.
+    agent = TestAgent.shared.clear
+    t = Exporter::Transport.new(url: agent.url)
+    expect(t.send_traces([SpanFactory.trace(1)])).to be_ok
+    t.close
+  end
+
+  it "Process.daemon runs :before then :child" do
+    r, w = IO.pipe
+    hook(:before) { w.write("before;") }
+    hook(:child) { w.write("child;") }
+    pid = fork do
+      Process.daemon(true, true)
+      w.write("daemon #{Process.pid}")
+      w.close
+      exit!(0)
+    end
+    w.close
+    wait_bounded(pid)
+    Timeout.timeout(10) { expect(r.read).to match(/\Abefore;child;before;child;daemon \d+\z/) }
+    r.close
+  end
+
+  it "forking inside a Signal.trap handler neither raises nor deadlocks" do
+    agent = TestAgent.shared.clear
+    t = Exporter::Transport.new(url: agent.url)
+    expect(t.send_traces([SpanFactory.trace(1)])).to be_ok
+    result = Queue.new
+    old = Signal.trap("USR2") do
+      pid = fork do
+        ok = t.send_traces([SpanFactory.trace(2)]).ok?
+        exit!(ok ? 0 : 3)
+      end
+      result << pid
+    rescue Exception => e # rubocop:disable Lint/RescueException
+      result << e
+    end
+    begin
+      Process.kill("USR2", Process.pid)
+      pid = Timeout.timeout(10) { result.pop }
+      expect(pid).to be_a(Integer)
+      expect(wait_bounded(pid).exitstatus).to eq(0)
+      expect(t.send_traces([SpanFactory.trace(3)])).to be_ok
+      expect(agent.traces.map { |tr| tr.first["trace_id"] }.sort).to eq([1, 2, 3])
+    ensure
+      Signal.trap("USR2", old)
+      t.close
+    end
+  end
+end
