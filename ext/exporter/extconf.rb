@@ -12,7 +12,10 @@ manifest = File.join(root, "Cargo.toml")
 abort "exporter: #{manifest} missing" unless File.exist?(manifest)
 abort "exporter: cargo not found in PATH (install Rust: https://rustup.rs)" unless system("cargo --version > /dev/null 2>&1")
 
-target = ENV.fetch("EXPORTER_CARGO_TARGET_DIR") { File.join(Dir.tmpdir, "exporter-cargo-target-#{Process.pid}") }
+# EXPORTER_CARGO_TARGET_DIR reuses an existing cargo target directory (it
+# is then left in place); by default a temporary one is used and removed.
+own_target = ENV["EXPORTER_CARGO_TARGET_DIR"].to_s.empty?
+target = own_target ? File.join(Dir.tmpdir, "exporter-cargo-target-#{Process.pid}") : ENV["EXPORTER_CARGO_TARGET_DIR"]
 dlext = RbConfig::CONFIG["DLEXT"]
 ruby = RbConfig.ruby
 
@@ -31,10 +34,12 @@ File.write("Makefile", <<~MAKE)
   install: all
   \tmkdir -p $(DESTDIR)$(sitearchdir)/exporter
   \tcp exporter.$(DLEXT) $(DESTDIR)$(sitearchdir)/exporter/exporter.$(DLEXT)
-  \trm -rf $(TARGET_DIR)
+  \trm -f exporter.$(DLEXT)
+  #{own_target ? "\trm -rf $(TARGET_DIR)" : ""}
 
   clean:
-  \trm -rf $(TARGET_DIR) exporter.$(DLEXT)
+  \trm -f exporter.$(DLEXT)
+  #{own_target ? "\trm -rf $(TARGET_DIR)" : ""}
 
   .PHONY: all install clean
 MAKE
