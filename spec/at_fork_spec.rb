@@ -45,7 +45,7 @@ RSpec.describe Exporter::AtFork do
     hook(:before) { order << :b2 }
     hook(:parent) { order << :p1 }
     hook(:parent) { order << :p2 }
-    Process.wait(fork { exit!(0) })
+    expect(wait_bounded(fork { exit!(0) })).to be_success
     expect(order).to eq(%i[b2 b1 p1 p2])
   end
 
@@ -54,7 +54,7 @@ RSpec.describe Exporter::AtFork do
     h = hook(:before) { calls += 1 }
     expect(described_class.remove_at_fork(:before, h)).to be(true)
     expect(described_class.remove_at_fork(:before, h)).to be(false)
-    Process.wait(fork { exit!(0) })
+    expect(wait_bounded(fork { exit!(0) })).to be_success
     expect(calls).to eq(0)
   end
 

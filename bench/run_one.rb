@@ -1,0 +1,207 @@
+# frozen_string_literal: true
+
+# One measurement in a fresh process (so peak RSS is its own). Prints one
+# JSON line. Run by bench/bench.rb:
+#   ruby bench/run_one.rb MODE IMPL URL
+# MODE: alone | contention | paced | kill | fork_system | fork_fork | idle_rss
+# IMPL: baseline | sync | writer | none | gem
+require "json"
+require_relative "workload"
+
+MODE, IMPL, URL = ARGV
+SECONDS = Float(ENV.fetch("BENCH_SECONDS", "1.5"))
+PACE_SPANS_PER_S = 50_000
+
+def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+def thread_cpu = Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID)
+def process_cpu = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
+
+def status_kb(field)
+  File.read("/proc/self/status")[/^#{field}:\s+(\d+)/, 1].to_i
+end
+
+# CPU seconds of every Ruby thread but `except` (from /proc: a Ruby helper
+# thread would hide its cost from the calling-thread clock).
+def ruby_threads_cpu(except: nil)
+  hz = 100.0
+  Thread.list.reject { |t| t == except }.sum do |t|
+    tid = t.native_thread_id
+    fields = File.read("/proc/self/task/#{tid}/stat").split(") ").last.split
+    (fields[11].to_i + fields[12].to_i) / hz
+  rescue Errno::ENOENT, NoMethodError
+    0
+  end
+end
+
+def load_impl
+  case IMPL
+  when "baseline"
+    require_relative "baseline"
+    BaselineExporter.new(URL)
+  when "sync", "writer", "gem"
+    $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
+    require "exporter"
+    t = Exporter::Transport.new(url: URL)
+    IMPL == "writer" ? Exporter::Writer.new(transport: t, buffer_size: 20_000, flush_interval: 0.05) : t
+  end
+end
+
+TRACES = Workload.traces(1_000)
+BATCHES = TRACES.each_slice(Workload::TRACES_PER_REQUEST).to_a
+
+# Exports flat out until `until_t`; returns traces handed over.
+def export_flat_out(impl, until_t)
+  n = 0
+  if impl.is_a?(Exporter::Writer)
+    while now < until_t
+      impl.write(TRACES[n % TRACES.size])
+      n += 1
+    end
+  else
+    while now < until_t
+      impl.send_traces(BATCHES[(n / Workload::TRACES_PER_REQUEST) % BATCHES.size])
+      n += Workload::TRACES_PER_REQUEST
+    end
+  end
+  n
+end
+
+# Spans the implementation got accepted: for the writer, what it sent
+# after a final flush (its wall time includes that flush).
+def delivered(impl, handed)
+  return [handed, 0] unless defined?(Exporter::Writer) && impl.is_a?(Exporter::Writer)
+
+  impl.flush(timeout: 30)
+  s = impl.stats
+  [s[:sent], s[:written] - s[:sent]]
+end
+
+def spinner
+  count = [0]
+  th = Thread.new { loop { count[0] += 1 } }
+  [th, count]
+end
+
+def spin_rate(seconds)
+  th, count = spinner
+  t0 = now
+  c0 = count[0]
+  sleep seconds
+  rate = (count[0] - c0) / (now - t0)
+  th.kill
+  th.join
+  rate
+end
+
+def warm_up(impl)
+  if impl.is_a?(Exporter::Writer)
+    20.times { |i| impl.write(TRACES[i]) }
+    impl.flush(timeout: 10)
+  else
+    2.times { |i| impl.send_traces(BATCHES[i]) }
+  end
+end
+
+result =
+  case MODE
+  when "alone"
+    impl = load_impl
+    warm_up(impl)
+    GC.start
+    w0 = now
+    tc0 = thread_cpu
+    pc0 = process_cpu
+    handed = export_flat_out(impl, w0 + SECONDS)
+    tc1 = thread_cpu
+    traces, lost = delivered(impl, handed)
+    wall = now - w0
+    pc1 = process_cpu
+    spans = traces * Workload::SPANS_PER_TRACE
+    handed_spans = handed * Workload::SPANS_PER_TRACE
+    { spans_per_s: spans / wall, thread_cpu_us_per_span: (tc1 - tc0) * 1e6 / handed_spans,
+      process_cpu_us_per_span: (pc1 - pc0) * 1e6 / spans, lost_traces: lost,
+      ruby_threads_cpu_s: ruby_threads_cpu, peak_rss_mb: status_kb("VmHWM") / 1024.0 }
+  when "contention"
+    impl = load_impl
+    warm_up(impl)
+    solo = spin_rate(1.0)
+    th, count = spinner
+    sleep 0.1
+    c0 = count[0]
+    w0 = now
+    handed = export_flat_out(impl, w0 + SECONDS)
+    traces, lost = delivered(impl, handed)
+    wall = now - w0
+    share = ((count[0] - c0) / wall) / solo
+    th.kill
+    { spans_per_s: traces * Workload::SPANS_PER_TRACE / wall, spinner_share: share, lost_traces: lost,
+      peak_rss_mb: status_kb("VmHWM") / 1024.0 }
+  when "paced"
+    impl = load_impl
+    warm_up(impl)
+    solo = spin_rate(1.0)
+    th, count = spinner
+    sleep 0.1
+    c0 = count[0]
+    w0 = now
+    traces_per_s = PACE_SPANS_PER_S / Workload::SPANS_PER_TRACE
+    written = 0
+    while (elapsed = now - w0) < SECONDS * 2
+      due = (elapsed * traces_per_s).to_i
+      while written < due
+        impl.write(TRACES[written % TRACES.size])
+        written += 1
+      end
+      sleep 0.001
+    end
+    paced_wall = now - w0
+    spin_share = ((count[0] - c0) / paced_wall) / solo
+    flushed = impl.flush(timeout: 30)
+    s = impl.stats
+    th.kill
+    { spans_per_s: s[:sent] * Workload::SPANS_PER_TRACE / paced_wall, spinner_share: spin_share,
+      written: written, sent: s[:sent], dropped: s[:dropped], failed: s[:failed],
+      unflushed: s[:queued], flushed: flushed }
+  when "kill"
+    impl = load_impl
+    samples = Array.new(20) do
+      th = Thread.new { impl.send_traces(BATCHES[0]) }
+      sleep 0.05
+      t0 = now
+      th.kill
+      th.join
+      (now - t0) * 1e3
+    end
+    { kill_ms: samples.sort[samples.size / 2], kill_ms_max: samples.max }
+  when "fork_system", "fork_fork"
+    if IMPL == "gem"
+      w = load_impl
+      w.send_traces(BATCHES[0]) # the runtime is running, as in an app
+    end
+    n = 200
+    t0 = now
+    n.times do
+      if MODE == "fork_system"
+        system("true")
+      else
+        Process.wait(fork { exit!(0) })
+      end
+    end
+    { us_per_call: (now - t0) * 1e6 / n }
+  when "idle_rss"
+    require "msgpack"
+    require "net/http"
+    if IMPL == "gem"
+      t = load_impl
+      t.send_traces(BATCHES[0]) # extension loaded, runtime started
+    end
+    GC.start
+    sleep 0.2
+    { rss_mb: status_kb("VmRSS") / 1024.0 }
+  else
+    abort "unknown mode #{MODE}"
+  end
+
+puts JSON.generate(result)
+$stdout.flush
+exit!(0) # skip at_exit work: it is not part of what was measured
