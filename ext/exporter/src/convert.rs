@@ -7,13 +7,13 @@
 //! scrubbed to U+FFFD), other encodings are transcoded first.
 
 use exporter_core::span::{AttributeValue, Span, SpanEvent, SpanLink, Trace};
+use magnus::encoding::Coderange;
 use magnus::encoding::EncodingCapable;
-use magnus::r_hash::ForEach;
 use magnus::value::ReprValue;
 use magnus::{Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, TryConvert, Value};
 
 use crate::errors;
-use magnus::rb_sys::AsRawValue;
+use magnus::rb_sys::{AsRawValue, FromRawValue};
 
 /// A conversion problem, before it is placed (trace/span) and raised.
 type Problem = String;
@@ -30,6 +30,14 @@ fn expected(what: &str, v: Value) -> Problem {
 /// Reads a Ruby String as UTF-8, scrubbing what is not.
 pub fn string(ruby: &Ruby, v: Value) -> Result<String, Problem> {
     let s = RString::from_value(v).ok_or_else(|| expected("a String", v))?;
+    // Fast path: 7-bit strings (the coderange is cached on the string after
+    // its first scan; Ruby only gives it to ASCII-compatible encodings) are
+    // valid UTF-8 as they are.
+    if s.enc_coderange_scan() == Coderange::SevenBit {
+        // SAFETY: the bytes are copied before any Ruby code can run, and
+        // 7-bit bytes are valid UTF-8.
+        return Ok(unsafe { String::from_utf8_unchecked(s.as_slice().to_vec()) });
+    }
     let idx = s.enc_get();
     let s = if idx == ruby.utf8_encindex()
         || idx == ruby.ascii8bit_encindex()
@@ -111,38 +119,73 @@ fn array(v: Value) -> Result<RArray, Problem> {
     RArray::from_value(v).ok_or_else(|| expected("an Array", v))
 }
 
+/// Iterates a Hash without `rb_protect` (the callback must not raise: it
+/// only reads values, and every magnus call that could raise is protected
+/// by magnus itself). `f` returns false to stop.
+fn each_pair<F: FnMut(Value, Value) -> bool>(h: RHash, mut f: F) {
+    unsafe extern "C" fn call<F: FnMut(Value, Value) -> bool>(
+        k: rb_sys::VALUE,
+        v: rb_sys::VALUE,
+        arg: rb_sys::VALUE,
+    ) -> std::ffi::c_int {
+        // SAFETY: `arg` is the `F` borrowed by `each_pair` for the whole
+        // iteration; `k` and `v` are live entries of the hash.
+        let (f, k, v) = unsafe {
+            (
+                &mut *(arg as *mut F),
+                Value::from_raw(k),
+                Value::from_raw(v),
+            )
+        };
+        // A panic must not unwind into Ruby: stop iterating instead (the
+        // caller then sees an incomplete result and reports it).
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(k, v))) {
+            Ok(true) => rb_sys::st_retval::ST_CONTINUE as std::ffi::c_int,
+            _ => rb_sys::st_retval::ST_STOP as std::ffi::c_int,
+        }
+    }
+    // SAFETY: the callback upholds rb_hash_foreach's contract and never
+    // raises; `f` outlives the call.
+    unsafe {
+        rb_sys::rb_hash_foreach(
+            h.as_raw(),
+            Some(call::<F>),
+            &mut f as *mut F as rb_sys::VALUE,
+        )
+    };
+}
+
 /// Iterates a Hash, converting each value with `f`; problems name the key.
 fn pairs<T>(
     ruby: &Ruby,
     h: RHash,
     mut f: impl FnMut(&Ruby, Value) -> Result<T, Problem>,
 ) -> Result<Vec<(String, T)>, Problem> {
-    let mut out = Vec::with_capacity(h.len());
+    let len = h.len();
+    let mut out = Vec::with_capacity(len);
     let mut problem = None;
-    let iterated = h.foreach(|k: Value, v: Value| {
+    each_pair(h, |k, v| {
         let k = match key(ruby, k) {
             Ok(k) => k,
             Err(p) => {
                 problem = Some(p);
-                return Ok(ForEach::Stop);
+                return false;
             }
         };
         match f(ruby, v) {
             Ok(v) => {
                 out.push((k, v));
-                Ok(ForEach::Continue)
+                true
             }
             Err(p) => {
                 problem = Some(format!("[{k:?}] {p}"));
-                Ok(ForEach::Stop)
+                false
             }
         }
     });
-    if let Err(e) = iterated {
-        return Err(e.to_string());
-    }
     match problem {
         Some(p) => Err(p),
+        None if out.len() != len => Err("could not be read".into()),
         None => Ok(out),
     }
 }
@@ -241,58 +284,142 @@ fn attribute(ruby: &Ruby, v: Value) -> Result<AttributeValue, Problem> {
     })
 }
 
+/// The keys a span, link or event Hash may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    TraceId,
+    SpanId,
+    ParentId,
+    Name,
+    Service,
+    Resource,
+    Type,
+    Start,
+    Duration,
+    Error,
+    Meta,
+    Metrics,
+    MetaStruct,
+    SpanLinks,
+    SpanEvents,
+    Attributes,
+    Tracestate,
+    Flags,
+    TimeUnixNano,
+}
+
+const FIELDS: [(&str, Field); 19] = [
+    ("trace_id", Field::TraceId),
+    ("span_id", Field::SpanId),
+    ("parent_id", Field::ParentId),
+    ("name", Field::Name),
+    ("service", Field::Service),
+    ("resource", Field::Resource),
+    ("type", Field::Type),
+    ("start", Field::Start),
+    ("duration", Field::Duration),
+    ("error", Field::Error),
+    ("meta", Field::Meta),
+    ("metrics", Field::Metrics),
+    ("meta_struct", Field::MetaStruct),
+    ("span_links", Field::SpanLinks),
+    ("span_events", Field::SpanEvents),
+    ("attributes", Field::Attributes),
+    ("tracestate", Field::Tracestate),
+    ("flags", Field::Flags),
+    ("time_unix_nano", Field::TimeUnixNano),
+];
+
+impl Field {
+    fn name(self) -> &'static str {
+        FIELDS
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map_or("?", |(n, _)| n)
+    }
+}
+
+/// The static Symbol of every field name: a Symbol key is matched by
+/// comparing VALUEs (static symbols are immediates that never move).
+static FIELD_SYMBOLS: std::sync::OnceLock<Vec<(rb_sys::VALUE, Field)>> = std::sync::OnceLock::new();
+
+/// Interns the field symbols; called once at load.
+pub fn init(ruby: &Ruby) {
+    FIELD_SYMBOLS.get_or_init(|| {
+        FIELDS
+            .iter()
+            .map(|(name, f)| (ruby.sym_new(*name).as_value().as_raw(), *f))
+            .collect()
+    });
+}
+
+/// The field a key names (`None`: unknown key, ignored), or a problem.
+fn field(k: Value) -> Result<Option<Field>, Problem> {
+    if let Some(syms) = FIELD_SYMBOLS.get() {
+        let raw = k.as_raw();
+        if let Some((_, f)) = syms.iter().find(|(v, _)| *v == raw) {
+            return Ok(Some(*f));
+        }
+    }
+    if Symbol::from_value(k).is_some() {
+        return Ok(None);
+    }
+    let s = RString::from_value(k)
+        .ok_or_else(|| format!("has a key that {}", expected("a String or Symbol", k)))?;
+    // SAFETY: compared before any Ruby code can run.
+    let bytes = unsafe { s.as_slice() };
+    Ok(FIELDS
+        .iter()
+        .find(|(n, _)| n.as_bytes() == bytes)
+        .map(|(_, f)| *f))
+}
+
 /// Reads a Hash-shaped record (span, link, event) field by field.
 fn fields(
-    ruby: &Ruby,
     h: RHash,
-    mut f: impl FnMut(&str, Value) -> Result<(), (String, Problem)>,
+    mut f: impl FnMut(Field, Value) -> Result<(), (String, Problem)>,
 ) -> Result<(), (String, Problem)> {
     let mut problem = None;
-    let iterated = h.foreach(|k: Value, v: Value| {
-        let name = match key(ruby, k) {
-            Ok(n) => n,
-            Err(p) => {
-                problem = Some(("key".to_owned(), p));
-                return Ok(ForEach::Stop);
-            }
+    each_pair(h, |k, v| {
+        let result = match field(k) {
+            Ok(Some(name)) => f(name, v),
+            Ok(None) => Ok(()),
+            Err(p) => Err(("key".to_owned(), p)),
         };
-        match f(&name, v) {
-            Ok(()) => Ok(ForEach::Continue),
+        match result {
+            Ok(()) => true,
             Err(p) => {
                 problem = Some(p);
-                Ok(ForEach::Stop)
+                false
             }
         }
     });
-    if let Err(e) = iterated {
-        return Err(("hash".into(), e.to_string()));
-    }
     problem.map_or(Ok(()), Err)
 }
 
-fn at<T>(field: &str, r: Result<T, Problem>) -> Result<T, (String, Problem)> {
-    r.map_err(|p| (field.to_owned(), p))
+fn at<T>(field: Field, r: Result<T, Problem>) -> Result<T, (String, Problem)> {
+    r.map_err(|p| (field.name().to_owned(), p))
 }
 
 fn span_link(ruby: &Ruby, v: Value) -> Result<SpanLink, Problem> {
     let h = hash(v)?;
     let mut link = SpanLink::default();
     let (mut has_trace, mut has_span) = (false, false);
-    fields(ruby, h, |name, v| {
+    fields(h, |name, v| {
         match name {
-            "trace_id" => {
+            Field::TraceId => {
                 link.trace_id = at(name, id128(v))?;
                 has_trace = true;
             }
-            "span_id" => {
+            Field::SpanId => {
                 link.span_id = at(name, id64(v))?;
                 has_span = true;
             }
-            "attributes" => {
+            Field::Attributes => {
                 link.attributes = at(name, hash(v).and_then(|h| pairs(ruby, h, string)))?
             }
-            "tracestate" => link.tracestate = at(name, opt_string(ruby, v))?,
-            "flags" => {
+            Field::Tracestate => link.tracestate = at(name, opt_string(ruby, v))?,
+            Field::Flags => {
                 link.flags = at(
                     name,
                     integer(v)
@@ -314,13 +441,13 @@ fn span_event(ruby: &Ruby, v: Value) -> Result<SpanEvent, Problem> {
     let h = hash(v)?;
     let mut event = SpanEvent::default();
     let (mut has_name, mut has_time) = (false, false);
-    fields(ruby, h, |name, v| {
+    fields(h, |name, v| {
         match name {
-            "name" => {
+            Field::Name => {
                 event.name = at(name, string(ruby, v))?;
                 has_name = true;
             }
-            "time_unix_nano" => {
+            Field::TimeUnixNano => {
                 event.time_unix_nano = at(
                     name,
                     integer(v)
@@ -328,7 +455,7 @@ fn span_event(ruby: &Ruby, v: Value) -> Result<SpanEvent, Problem> {
                 )?;
                 has_time = true;
             }
-            "attributes" => {
+            Field::Attributes => {
                 event.attributes = at(name, hash(v).and_then(|h| pairs(ruby, h, attribute)))?
             }
             _ => {}
@@ -383,40 +510,40 @@ fn error_flag(ruby: &Ruby, v: Value) -> Result<i32, Problem> {
 
 /// Converts one span Hash.
 fn span(ruby: &Ruby, v: Value) -> Result<Span, (String, Problem)> {
-    let h = at("span", hash(v))?;
+    let h = hash(v).map_err(|p| ("span".to_owned(), p))?;
     let mut s = Span::default();
     let (mut has_trace, mut has_span, mut has_name) = (false, false, false);
-    fields(ruby, h, |name, v| {
+    fields(h, |name, v| {
         match name {
-            "trace_id" => {
+            Field::TraceId => {
                 s.trace_id = at(name, id128(v))?;
                 has_trace = true;
             }
-            "span_id" => {
+            Field::SpanId => {
                 s.span_id = at(name, id64(v))?;
                 has_span = true;
             }
-            "parent_id" if !v.is_nil() => s.parent_id = at(name, id64(v))?,
-            "name" => {
+            Field::ParentId if !v.is_nil() => s.parent_id = at(name, id64(v))?,
+            Field::Name => {
                 s.name = at(name, string(ruby, v))?;
                 has_name = true;
             }
-            "service" => s.service = at(name, opt_string(ruby, v))?,
-            "resource" => s.resource = at(name, opt_string(ruby, v))?,
-            "type" => s.r#type = at(name, opt_string(ruby, v))?,
-            "start" if !v.is_nil() => s.start = at(name, i64_field(v))?,
-            "duration" if !v.is_nil() => {
+            Field::Service => s.service = at(name, opt_string(ruby, v))?,
+            Field::Resource => s.resource = at(name, opt_string(ruby, v))?,
+            Field::Type => s.r#type = at(name, opt_string(ruby, v))?,
+            Field::Start if !v.is_nil() => s.start = at(name, i64_field(v))?,
+            Field::Duration if !v.is_nil() => {
                 s.duration = at(name, i64_field(v))?;
                 if s.duration < 0 {
-                    return Err((name.into(), "must not be negative".into()));
+                    return Err((name.name().into(), "must not be negative".into()));
                 }
             }
-            "error" => s.error = at(name, error_flag(ruby, v))?,
-            "meta" => s.meta = at(name, opt_pairs(ruby, v, string))?,
-            "metrics" => s.metrics = at(name, opt_pairs(ruby, v, |_, v| number(v)))?,
-            "meta_struct" => s.meta_struct = at(name, opt_pairs(ruby, v, meta_struct_value))?,
-            "span_links" => s.span_links = at(name, list(ruby, v, span_link))?,
-            "span_events" => s.span_events = at(name, list(ruby, v, span_event))?,
+            Field::Error => s.error = at(name, error_flag(ruby, v))?,
+            Field::Meta => s.meta = at(name, opt_pairs(ruby, v, string))?,
+            Field::Metrics => s.metrics = at(name, opt_pairs(ruby, v, |_, v| number(v)))?,
+            Field::MetaStruct => s.meta_struct = at(name, opt_pairs(ruby, v, meta_struct_value))?,
+            Field::SpanLinks => s.span_links = at(name, list(ruby, v, span_link))?,
+            Field::SpanEvents => s.span_events = at(name, list(ruby, v, span_event))?,
             _ => {}
         }
         Ok(())

@@ -19,6 +19,7 @@ use magnus::{Error, Ruby};
 
 #[magnus::init]
 fn init(ruby: &Ruby) -> Result<(), Error> {
+    convert::init(ruby);
     let module = ruby.define_module("Exporter")?;
     transport::init(ruby, module)?;
     writer::init(ruby, module)?;
