@@ -32,7 +32,7 @@ class BaselineExporter
 
   def encode(traces)
     pk = @packer
-    pk.reset
+    pk.clear
     pk.write_array_header(traces.size)
     traces.each do |trace|
       pk.write_array_header(trace.size)

@@ -11,6 +11,7 @@ require_relative "workload"
 MODE, IMPL, URL = ARGV
 SECONDS = Float(ENV.fetch("BENCH_SECONDS", "1.5"))
 PACE_SPANS_PER_S = 50_000
+WARM_UP_TRACES = 20
 
 def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
 def thread_cpu = Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID)
@@ -42,7 +43,7 @@ def load_impl
     $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
     require "exporter"
     t = Exporter::Transport.new(url: URL)
-    IMPL == "writer" ? Exporter::Writer.new(transport: t, buffer_size: 20_000, flush_interval: 0.05) : t
+    IMPL == "writer" ? Exporter::Writer.new(transport: t, buffer_size: 5_000, flush_interval: 0.05) : t
   end
 end
 
@@ -52,7 +53,7 @@ BATCHES = TRACES.each_slice(Workload::TRACES_PER_REQUEST).to_a
 # Exports flat out until `until_t`; returns traces handed over.
 def export_flat_out(impl, until_t)
   n = 0
-  if impl.is_a?(Exporter::Writer)
+  if writer?(impl)
     while now < until_t
       impl.write(TRACES[n % TRACES.size])
       n += 1
@@ -69,11 +70,11 @@ end
 # Spans the implementation got accepted: for the writer, what it sent
 # after a final flush (its wall time includes that flush).
 def delivered(impl, handed)
-  return [handed, 0] unless defined?(Exporter::Writer) && impl.is_a?(Exporter::Writer)
+  return [handed, 0] unless writer?(impl)
 
   impl.flush(timeout: 30)
   s = impl.stats
-  [s[:sent], s[:written] - s[:sent]]
+  [s[:sent] - WARM_UP_TRACES, s[:written] - s[:sent]]
 end
 
 def spinner
@@ -93,9 +94,11 @@ def spin_rate(seconds)
   rate
 end
 
+def writer?(impl) = defined?(Exporter::Writer) && impl.is_a?(Exporter::Writer)
+
 def warm_up(impl)
-  if impl.is_a?(Exporter::Writer)
-    20.times { |i| impl.write(TRACES[i]) }
+  if writer?(impl)
+    WARM_UP_TRACES.times { |i| impl.write(TRACES[i]) }
     impl.flush(timeout: 10)
   else
     2.times { |i| impl.send_traces(BATCHES[i]) }
@@ -159,8 +162,9 @@ result =
     flushed = impl.flush(timeout: 30)
     s = impl.stats
     th.kill
-    { spans_per_s: s[:sent] * Workload::SPANS_PER_TRACE / paced_wall, spinner_share: spin_share,
-      written: written, sent: s[:sent], dropped: s[:dropped], failed: s[:failed],
+    sent = s[:sent] - WARM_UP_TRACES
+    { spans_per_s: sent * Workload::SPANS_PER_TRACE / paced_wall, spinner_share: spin_share,
+      written: written, sent: sent, dropped: s[:dropped], failed: s[:failed],
       unflushed: s[:queued], flushed: flushed }
   when "kill"
     impl = load_impl

@@ -2,8 +2,8 @@
 //!
 //! - `sink --port P`: a minimal agent stand-in. Answers every POST with 200
 //!   and a tiny `rate_by_service` body after reading the request body;
-//!   requests to `/hang` are read and never answered (for interrupt
-//!   latency). Prints `listening` when ready. Single-threaded, so it takes
+//!   requests to `/hang` (every request, with `--hang`) are read and never
+//!   answered (for interrupt latency). Prints `listening` when ready. Single-threaded, so it takes
 //!   one core at most.
 //! - `ceiling --url U --seconds S`: POSTs one pre-encoded 10-trace body over
 //!   keep-alive as fast as possible: the sink's own ceiling in spans/s.
@@ -85,7 +85,7 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-async fn sink(port: u16) -> std::io::Result<()> {
+async fn sink(port: u16, hang_all: bool) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     println!("listening {}", listener.local_addr()?.port());
     loop {
@@ -94,7 +94,7 @@ async fn sink(port: u16) -> std::io::Result<()> {
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let hang = req.uri().path() == "/hang";
+                    let hang = hang_all || req.uri().path() == "/hang";
                     let _ = req.into_body().collect().await;
                     if hang {
                         std::future::pending::<()>().await;
@@ -160,7 +160,8 @@ fn main() {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            if let Err(e) = rt.block_on(sink(port)) {
+            let hang = args.iter().any(|a| a == "--hang");
+            if let Err(e) = rt.block_on(sink(port, hang)) {
                 eprintln!("sink: {e}");
                 std::process::exit(1);
             }
@@ -184,7 +185,7 @@ fn main() {
             println!("{out}");
         }
         _ => {
-            eprintln!("usage: exporter-bench sink [--port P] | ceiling --url U [--seconds S] | limit --url U [--seconds S]");
+            eprintln!("usage: exporter-bench sink [--port P] [--hang] | ceiling --url U [--seconds S] | limit --url U [--seconds S]");
             std::process::exit(2);
         }
     }

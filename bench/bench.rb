@@ -1,0 +1,198 @@
+# frozen_string_literal: true
+
+# The benchmark suite (bin/bench, rake bench). Builds what it needs, starts
+# the project's own HTTP sink, runs every benchmark for several rounds in
+# fresh processes, prints medians with min..max and ratios against the
+# pure-Ruby baseline measured in the same run, checks the targets (PASS /
+# FAIL), and writes bench/results/latest.md and latest.png.
+require "json"
+require "open3"
+require "rbconfig"
+
+ROOT = File.expand_path("..", __dir__)
+BIN = File.join(ROOT, "target", "release", "exporter-bench")
+RESULTS = File.join(ROOT, "bench", "results")
+ROUNDS = Integer(ENV.fetch("BENCH_ROUNDS", "5"))
+RUBY = RbConfig.ruby
+
+def sh!(*cmd, **opts)
+  system(*cmd, chdir: ROOT, exception: true, **opts)
+end
+
+def start_sink(*flags)
+  out, pid = nil
+  r, w = IO.pipe
+  pid = Process.spawn(BIN, "sink", "--port", "0", *flags, out: w)
+  w.close
+  out = r.gets.to_s
+  r.close
+  port = out[/listening (\d+)/, 1] or abort("sink did not start")
+  [pid, "http://127.0.0.1:#{port}"]
+end
+
+def stop(pid)
+  Process.kill(:TERM, pid)
+  Process.wait(pid)
+rescue Errno::ESRCH, Errno::ECHILD
+  nil
+end
+
+def run_one(mode, impl, url)
+  out, err, st = Open3.capture3(RUBY, File.join(ROOT, "bench", "run_one.rb"), mode, impl, url.to_s)
+  raise "run_one #{mode} #{impl} failed: #{err}" unless st.success?
+
+  JSON.parse(out.lines.last, symbolize_names: true)
+end
+
+def run_bin(cmd, url, seconds)
+  out, err, st = Open3.capture3(BIN, cmd, "--url", url, "--seconds", seconds.to_s)
+  raise "exporter-bench #{cmd} failed: #{err}" unless st.success?
+
+  JSON.parse(out, symbolize_names: true)
+end
+
+def median(xs) = xs.sort[xs.size / 2]
+
+# name => { metric => [values per round] }
+samples = Hash.new { |h, k| h[k] = Hash.new { |hh, kk| hh[kk] = [] } }
+record = ->(name, result) { result.each { |k, v| samples[name][k] << v if v.is_a?(Numeric) } }
+
+puts "bench: building (release)"
+sh!("rake", "compile", out: File::NULL)
+sh!("cargo", "build", "--release", "-p", "exporter_bench", "--quiet")
+
+sink_pid, url = start_sink
+hang_pid, hang_url = start_sink("--hang")
+begin
+  ROUNDS.times do |round|
+    puts "bench: round #{round + 1}/#{ROUNDS}"
+    record.("sink ceiling", run_bin("ceiling", url, 1.0))
+    record.("limit", run_bin("limit", url, 1.5))
+    %w[baseline sync writer].each do |impl|
+      record.("#{impl} alone", run_one("alone", impl, url))
+      record.("#{impl} contention", run_one("contention", impl, url))
+    end
+    record.("writer paced", run_one("paced", "writer", url))
+    record.("kill", run_one("kill", "sync", hang_url))
+    %w[none gem].each do |impl|
+      record.("system #{impl}", run_one("fork_system", impl, url))
+      record.("fork #{impl}", run_one("fork_fork", impl, url))
+      record.("idle #{impl}", run_one("idle_rss", impl, url))
+    end
+  end
+ensure
+  stop(sink_pid)
+  stop(hang_pid)
+end
+
+med = ->(name, metric) { median(samples[name][metric]) }
+fmt_range = lambda do |name, metric, digits|
+  xs = samples[name][metric]
+  return "n/a" if xs.empty?
+
+  format("%.#{digits}f [%.#{digits}f..%.#{digits}f]", median(xs), xs.min, xs.max)
+end
+
+rows = [
+  ["sink ceiling (pre-encoded, Rust client)", "sink ceiling", nil],
+  ["limit (Rust structs, rmp-serde + hyper)", "limit", nil],
+  ["baseline (msgpack Packer + Net::HTTP)", "baseline alone", "baseline contention"],
+  ["exporter sync (Transport#send_traces)", "sync alone", "sync contention"],
+  ["exporter writer (Writer#write + flush)", "writer alone", "writer contention"]
+]
+
+lines = []
+lines << "| path | spans/s alone | thread CPU µs/span | process CPU µs/span | spans/s with spinner | spinner share | peak RSS MB |"
+lines << "|---|---|---|---|---|---|---|"
+rows.each do |label, alone, cont|
+  lines << format("| %s | %s | %s | %s | %s | %s | %s |", label,
+                  fmt_range.(alone, :spans_per_s, 0), fmt_range.(alone, :thread_cpu_us_per_span, 2),
+                  fmt_range.(alone, :process_cpu_us_per_span, 2),
+                  cont ? fmt_range.(cont, :spans_per_s, 0) : "-", cont ? fmt_range.(cont, :spinner_share, 2) : "-",
+                  fmt_range.(alone, :peak_rss_mb, 0))
+end
+lines << format("| writer paced at 50k spans/s, with spinner | - | - | - | %s | %s | - |",
+                fmt_range.("writer paced", :spans_per_s, 0), fmt_range.("writer paced", :spinner_share, 2))
+lines << ""
+lines << "| other | median [min..max] |"
+lines << "|---|---|"
+lines << "| Thread#kill of a stalled send, ms | #{fmt_range.('kill', :kill_ms, 3)} |"
+lines << "| system(\"true\") µs, without gem | #{fmt_range.('system none', :us_per_call, 0)} |"
+lines << "| system(\"true\") µs, with gem (runtime running) | #{fmt_range.('system gem', :us_per_call, 0)} |"
+lines << "| fork { exit! } + wait µs, without gem | #{fmt_range.('fork none', :us_per_call, 0)} |"
+lines << "| fork { exit! } + wait µs, with gem (runtime running) | #{fmt_range.('fork gem', :us_per_call, 0)} |"
+lines << "| idle RSS MB, msgpack + net/http loaded | #{fmt_range.('idle none', :rss_mb, 1)} |"
+lines << "| idle RSS MB, + exporter loaded, runtime started | #{fmt_range.('idle gem', :rss_mb, 1)} |"
+lines << "| Exposures#record µs/call | n/a (feature-flag exposures not built yet) |"
+
+base_cpu = med.("baseline alone", :thread_cpu_us_per_span)
+base_rate = med.("baseline alone", :spans_per_s)
+base_cont = med.("baseline contention", :spans_per_s)
+writer_cpu = med.("writer alone", :thread_cpu_us_per_span)
+writer_rate = med.("writer alone", :spans_per_s)
+paced = samples["writer paced"]
+paced_lost = %i[dropped failed unflushed].sum { |k| paced[k].max.to_i }
+paced_rate = med.("writer paced", :spans_per_s)
+paced_share = med.("writer paced", :spinner_share)
+sys_ratio = med.("system gem", :us_per_call) / med.("system none", :us_per_call)
+rss_added = med.("idle gem", :rss_mb) - med.("idle none", :rss_mb)
+
+targets = [
+  ["writer calling-thread CPU <= 0.5 µs/span (>= 4x less than baseline)",
+   writer_cpu <= 0.5 && base_cpu / writer_cpu >= 4, format("%.2f µs (%.1fx less)", writer_cpu, base_cpu / writer_cpu)],
+  ["writer spans/s alone >= 3x baseline", writer_rate >= 3 * base_rate, format("%.1fx", writer_rate / base_rate)],
+  ["paced writer under contention: nothing dropped, failed or unflushed", paced_lost.zero?, "#{paced_lost} lost"],
+  ["paced writer delivered >= 10x baseline flat out under contention", paced_rate >= 10 * base_cont,
+   format("%.0f vs %.0f spans/s (%.1fx)", paced_rate, base_cont, paced_rate / base_cont)],
+  ["spinner keeps >= 90% of its solo speed (paced writer)", paced_share >= 0.9, format("%.0f%%", paced_share * 100)],
+  ["Thread#kill of a stalled send <= 1 ms median", med.("kill", :kill_ms) <= 1.0, format("%.3f ms", med.("kill", :kill_ms))],
+  ["fork hooks add <= 10% to system(\"true\")", sys_ratio <= 1.10, format("%+.1f%%", (sys_ratio - 1) * 100)],
+  ["extension + runtime add <= 10 MB RSS when idle", rss_added <= 10, format("%+.1f MB", rss_added)]
+]
+
+lines << ""
+lines << "| target | result | |"
+lines << "|---|---|---|"
+targets.each { |label, ok, detail| lines << "| #{label} | #{detail} | #{ok ? 'PASS' : 'FAIL'} |" }
+
+require "etc"
+header = "# Benchmark results\n\n#{ROUNDS} rounds, #{Time.now.utc.strftime('%Y-%m-%d %H:%M UTC')}, Ruby #{RUBY_VERSION}, " \
+         "#{Etc.nprocessors} CPUs. Medians [min..max]. Workload: traces of 50 spans " \
+         "(6 meta, 3 metrics, 64-bit ids), 10 traces per request for the synchronous paths.\n\n"
+Dir.mkdir(RESULTS) unless Dir.exist?(RESULTS)
+md = header + lines.join("\n") + "\n\n![chart](latest.png)\n"
+File.write(File.join(RESULTS, "latest.md"), md)
+puts
+puts lines
+
+# Chart: spans/s alone and with a spinning thread, per path (log scale).
+dat = File.join(RESULTS, "latest.dat")
+File.open(dat, "w") do |f|
+  rows.each_with_index do |(label, alone, cont), i|
+    f.puts format("%d \"%s\" %.0f %.0f", i, label.split(" (").first, med.(alone, :spans_per_s),
+                  cont ? med.(cont, :spans_per_s) : 0)
+  end
+  f.puts format("%d \"%s\" %.0f %.0f", rows.size, "writer paced", 0, paced_rate)
+end
+gp = <<~GP
+  set terminal pngcairo size 1000,500
+  set output "#{File.join(RESULTS, 'latest.png')}"
+  set title "spans/s exported: alone vs with one CPU-bound Ruby thread (log scale)"
+  set style data histograms
+  set style histogram clustered gap 1
+  set style fill solid 0.8
+  set logscale y
+  set yrange [1000:*]
+  set xtics rotate by -15
+  set key top right
+  plot "#{dat}" using 3:xtic(2) title "alone", "" using 4 title "with spinner"
+GP
+if system("which gnuplot > /dev/null 2>&1")
+  IO.popen(["gnuplot"], "w") { |io| io.write(gp) }
+else
+  warn "bench: gnuplot not found, no chart"
+end
+File.delete(dat)
+puts
+puts "bench: wrote #{File.join(RESULTS, 'latest.md')} and latest.png"
+exit(targets.all? { |_, ok, _| ok } ? 0 : 1)
