@@ -6,7 +6,7 @@
 //! UTF-8, US-ASCII and binary strings are taken as bytes (invalid sequences
 //! scrubbed to U+FFFD), other encodings are transcoded first.
 
-use exporter_core::span::{AttributeValue, Span, SpanEvent, SpanLink, Trace};
+use exporter_core::span::{AttributeValue, Entries, Span, SpanEvent, SpanLink, Str, Trace};
 use magnus::encoding::Coderange;
 use magnus::encoding::EncodingCapable;
 use magnus::value::ReprValue;
@@ -27,16 +27,23 @@ fn expected(what: &str, v: Value) -> Problem {
     format!("must be {what} (got {})", class_name(v))
 }
 
-/// Reads a Ruby String as UTF-8, scrubbing what is not.
-pub fn string(ruby: &Ruby, v: Value) -> Result<String, Problem> {
+/// Passes the text of a Ruby String, as UTF-8, to `f`: borrowed from Ruby
+/// when it already is valid UTF-8, else transcoded and/or scrubbed (invalid
+/// sequences become U+FFFD). `f` runs before any Ruby code can, so the
+/// borrow is sound.
+fn with_text<R>(ruby: &Ruby, v: Value, f: impl FnOnce(&str) -> R) -> Result<R, Problem> {
     let s = RString::from_value(v).ok_or_else(|| expected("a String", v))?;
     // Fast path: 7-bit strings (the coderange is cached on the string after
     // its first scan; Ruby only gives it to ASCII-compatible encodings) are
     // valid UTF-8 as they are.
-    if s.enc_coderange_scan() == Coderange::SevenBit {
-        // SAFETY: the bytes are copied before any Ruby code can run, and
-        // 7-bit bytes are valid UTF-8.
-        return Ok(unsafe { String::from_utf8_unchecked(s.as_slice().to_vec()) });
+    let cr = match s.enc_coderange() {
+        // Read from the string's flags; scan (and cache) only if unknown.
+        Coderange::Unknown => s.enc_coderange_scan(),
+        known => known,
+    };
+    if cr == Coderange::SevenBit {
+        // SAFETY: used by `f` before any Ruby code runs; 7-bit is UTF-8.
+        return Ok(f(unsafe { std::str::from_utf8_unchecked(s.as_slice()) }));
     }
     let idx = s.enc_get();
     let s = if idx == ruby.utf8_encindex()
@@ -48,12 +55,85 @@ pub fn string(ruby: &Ruby, v: Value) -> Result<String, Problem> {
         s.conv_enc(ruby.utf8_encoding())
             .map_err(|e| format!("cannot be transcoded to UTF-8: {e}"))?
     };
-    // SAFETY: the bytes are copied before any Ruby code can run.
+    // SAFETY: used by `f` before any Ruby code runs (`s` is on the stack,
+    // so a transcoded copy stays alive).
     let bytes = unsafe { s.as_slice() };
     Ok(match std::str::from_utf8(bytes) {
-        Ok(valid) => valid.to_owned(),
-        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+        Ok(valid) => f(valid),
+        Err(_) => f(&String::from_utf8_lossy(bytes)),
     })
+}
+
+/// Reads a Ruby String as an owned UTF-8 String (for rare fields).
+pub fn string(ruby: &Ruby, v: Value) -> Result<String, Problem> {
+    with_text(ruby, v, str::to_owned)
+}
+
+/// Copies a Ruby String into the trace's text buffer.
+fn text(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<Str, Problem> {
+    with_text(ruby, v, |s| t.push_str(s))
+}
+
+/// A nil-or-String field, into the text buffer: nil is the empty string.
+fn opt_text(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<Str, Problem> {
+    if v.is_nil() {
+        Ok(Str::default())
+    } else {
+        text(ruby, t, v)
+    }
+}
+
+/// A Hash key (String or Symbol), into the text buffer.
+fn key_text(ruby: &Ruby, t: &mut Trace, k: Value) -> Result<Str, Problem> {
+    if let Some(sym) = Symbol::from_value(k) {
+        let name = sym.name().map_err(|e| e.to_string())?;
+        return Ok(t.push_str(&name));
+    }
+    text(ruby, t, k).map_err(|_| format!("has a key that {}", expected("a String or Symbol", k)))
+}
+
+/// Reads a meta (String => String) or metrics (String => number) Hash into
+/// the trace's shared entries; returns the span's range of them.
+fn entries<T>(
+    ruby: &Ruby,
+    t: &mut Trace,
+    v: Value,
+    value: impl Fn(&Ruby, &mut Trace, Value) -> Result<T, Problem>,
+    push: impl Fn(&mut Trace, Str, T),
+    mark: impl Fn(&Trace) -> u32,
+) -> Result<(u32, u32), Problem> {
+    let start = mark(t);
+    if v.is_nil() {
+        return Ok((start, start));
+    }
+    let h = hash(v)?;
+    let len = h.len();
+    let mut problem = None;
+    each_pair(h, |k, v| {
+        let k = match key_text(ruby, t, k) {
+            Ok(k) => k,
+            Err(p) => {
+                problem = Some(p);
+                return false;
+            }
+        };
+        match value(ruby, t, v) {
+            Ok(v) => {
+                push(t, k, v);
+                true
+            }
+            Err(p) => {
+                problem = Some(format!("[{:?}] {p}", t.str(k)));
+                false
+            }
+        }
+    });
+    let end = mark(t);
+    match problem {
+        Some(p) => Err(p),
+        None if (end - start) as usize != len => Err("could not be read".into()),
+        None => Ok((start, end)),
+    }
 }
 
 /// A nil-or-String field: nil is the empty string.
@@ -354,11 +434,18 @@ pub fn init(ruby: &Ruby) {
 }
 
 /// The field a key names (`None`: unknown key, ignored), or a problem.
-fn field(k: Value) -> Result<Option<Field>, Problem> {
+///
+/// `hint` is where the previous key matched: spans built by one tracer list
+/// their keys in the same order, so the next key is tried first, then all.
+fn field(k: Value, hint: &mut usize) -> Result<Option<Field>, Problem> {
     if let Some(syms) = FIELD_SYMBOLS.get() {
         let raw = k.as_raw();
-        if let Some((_, f)) = syms.iter().find(|(v, _)| *v == raw) {
-            return Ok(Some(*f));
+        let n = syms.len();
+        for i in (*hint..n).chain(0..*hint) {
+            if syms[i].0 == raw {
+                *hint = (i + 1) % n;
+                return Ok(Some(syms[i].1));
+            }
         }
     }
     if Symbol::from_value(k).is_some() {
@@ -380,8 +467,9 @@ fn fields(
     mut f: impl FnMut(Field, Value) -> Result<(), (String, Problem)>,
 ) -> Result<(), (String, Problem)> {
     let mut problem = None;
+    let mut hint = 0;
     each_pair(h, |k, v| {
-        let result = match field(k) {
+        let result = match field(k, &mut hint) {
             Ok(Some(name)) => f(name, v),
             Ok(None) => Ok(()),
             Err(p) => Err(("key".to_owned(), p)),
@@ -508,8 +596,8 @@ fn error_flag(ruby: &Ruby, v: Value) -> Result<i32, Problem> {
         .map_err(|_| "is out of range for a 32-bit integer".into())
 }
 
-/// Converts one span Hash.
-fn span(ruby: &Ruby, v: Value) -> Result<Span, (String, Problem)> {
+/// Converts one span Hash into `t`.
+fn span(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<(), (String, Problem)> {
     let h = hash(v).map_err(|p| ("span".to_owned(), p))?;
     let mut s = Span::default();
     let (mut has_trace, mut has_span, mut has_name) = (false, false, false);
@@ -525,12 +613,12 @@ fn span(ruby: &Ruby, v: Value) -> Result<Span, (String, Problem)> {
             }
             Field::ParentId if !v.is_nil() => s.parent_id = at(name, id64(v))?,
             Field::Name => {
-                s.name = at(name, string(ruby, v))?;
+                s.name = at(name, text(ruby, t, v))?;
                 has_name = true;
             }
-            Field::Service => s.service = at(name, opt_string(ruby, v))?,
-            Field::Resource => s.resource = at(name, opt_string(ruby, v))?,
-            Field::Type => s.r#type = at(name, opt_string(ruby, v))?,
+            Field::Service => s.service = at(name, opt_text(ruby, t, v))?,
+            Field::Resource => s.resource = at(name, opt_text(ruby, t, v))?,
+            Field::Type => s.r#type = at(name, opt_text(ruby, t, v))?,
             Field::Start if !v.is_nil() => s.start = at(name, i64_field(v))?,
             Field::Duration if !v.is_nil() => {
                 s.duration = at(name, i64_field(v))?;
@@ -539,8 +627,34 @@ fn span(ruby: &Ruby, v: Value) -> Result<Span, (String, Problem)> {
                 }
             }
             Field::Error => s.error = at(name, error_flag(ruby, v))?,
-            Field::Meta => s.meta = at(name, opt_pairs(ruby, v, string))?,
-            Field::Metrics => s.metrics = at(name, opt_pairs(ruby, v, |_, v| number(v)))?,
+            Field::Meta => {
+                let (start, end) = at(
+                    name,
+                    entries(
+                        ruby,
+                        t,
+                        v,
+                        text,
+                        |t, k, v| t.meta.push((k, v)),
+                        Trace::meta_mark,
+                    ),
+                )?;
+                s.meta = Entries { start, end };
+            }
+            Field::Metrics => {
+                let (start, end) = at(
+                    name,
+                    entries(
+                        ruby,
+                        t,
+                        v,
+                        |_, _, v| number(v),
+                        |t, k, v| t.metrics.push((k, v)),
+                        Trace::metrics_mark,
+                    ),
+                )?;
+                s.metrics = Entries { start, end };
+            }
             Field::MetaStruct => s.meta_struct = at(name, opt_pairs(ruby, v, meta_struct_value))?,
             Field::SpanLinks => s.span_links = at(name, list(ruby, v, span_link))?,
             Field::SpanEvents => s.span_events = at(name, list(ruby, v, span_event))?,
@@ -557,7 +671,8 @@ fn span(ruby: &Ruby, v: Value) -> Result<Span, (String, Problem)> {
             return Err((field.into(), "is missing".into()));
         }
     }
-    Ok(s)
+    t.spans.push(s);
+    Ok(())
 }
 
 /// Converts one trace (an Array of span Hashes); `ti` names it in errors.
@@ -568,14 +683,20 @@ pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
             format!("trace {ti}: {}", expected("an Array of span Hashes", v)),
         )
     })?;
-    let mut out = Vec::with_capacity(a.len());
+    let n = a.len();
+    let mut t = Trace {
+        // Room for typical spans: ~200 bytes of text, ~6 meta, ~3 metrics.
+        text: String::with_capacity(n * 256),
+        spans: Vec::with_capacity(n),
+        meta: Vec::with_capacity(n * 8),
+        metrics: Vec::with_capacity(n * 4),
+    };
     for (si, sv) in a.into_iter().enumerate() {
-        let sp = span(ruby, sv).map_err(|(field, p)| {
+        span(ruby, &mut t, sv).map_err(|(field, p)| {
             errors::invalid_trace(ruby, format!("trace {ti}, span {si}: {field} {p}"))
         })?;
-        out.push(sp);
     }
-    Ok(out)
+    Ok(t)
 }
 
 /// Converts an Array of traces.

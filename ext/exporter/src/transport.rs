@@ -103,10 +103,9 @@ impl Transport {
         let (tx, rx) = oneshot::channel();
         let exporter = self.exporter.clone();
         let cancelled = work.clone();
-        let mut traces = traces;
         handle.spawn(async move {
             tokio::select! {
-                report = exporter.send(&mut traces, generation) => { let _ = tx.send(report); }
+                report = exporter.send(&traces, generation) => { let _ = tx.send(report); }
                 _ = cancelled.cancelled() => {}
             }
         });

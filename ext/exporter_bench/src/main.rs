@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use exporter_core::encode::v04;
 use exporter_core::http::{Client, Endpoint};
-use exporter_core::span::{Span, Trace};
+use exporter_core::span::{SpanData, SpanDefaults, Trace};
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 
@@ -27,8 +27,8 @@ const TRACES_PER_REQUEST: usize = 10;
 /// The benchmark workload, the same shape as bench/workload.rb: traces of
 /// 50 spans with realistic meta and metrics and 64-bit ids.
 fn workload_trace(n: u64) -> Trace {
-    (0..SPANS_PER_TRACE as u64)
-        .map(|i| Span {
+    let spans: Vec<SpanData> = (0..SPANS_PER_TRACE as u64)
+        .map(|i| SpanData {
             trace_id: u128::from((n + 1) * 1_000_003),
             span_id: (n + 1) * 1_000 + i + 1,
             parent_id: if i == 0 { 0 } else { (n + 1) * 1_000 + 1 },
@@ -66,7 +66,8 @@ fn workload_trace(n: u64) -> Trace {
             ],
             ..Default::default()
         })
-        .collect()
+        .collect();
+    Trace::from(spans)
 }
 
 fn process_cpu() -> Duration {
@@ -168,7 +169,7 @@ fn main() {
         }
         "ceiling" => {
             let traces: Vec<Trace> = (0..TRACES_PER_REQUEST as u64).map(workload_trace).collect();
-            let body = Bytes::from(v04::encode(&traces));
+            let body = Bytes::from(v04::encode(&traces, &SpanDefaults::default()));
             let (handle, _) = exporter_core::runtime::handle().expect("runtime");
             let out = handle.block_on(post_loop(&url, seconds, || body.clone()));
             println!("{out}");
@@ -180,7 +181,10 @@ fn main() {
             let out = handle.block_on(post_loop(&url, seconds, || {
                 let start = next % (traces.len() - TRACES_PER_REQUEST);
                 next += TRACES_PER_REQUEST;
-                Bytes::from(v04::encode(&traces[start..start + TRACES_PER_REQUEST]))
+                Bytes::from(v04::encode(
+                    &traces[start..start + TRACES_PER_REQUEST],
+                    &SpanDefaults::default(),
+                ))
             }));
             println!("{out}");
         }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use crate::encode::Protocol;
 use crate::http::{Client, Endpoint, HttpResponse, RequestError, UrlError};
 use crate::retry::{Attempt, RetryPolicy};
-use crate::span::{normalize_trace, SpanDefaults, Trace};
+use crate::span::{SpanDefaults, Trace};
 use crate::split::{split, DEFAULT_MAX_PAYLOAD};
 
 /// Everything a trace exporter is configured with.
@@ -203,17 +203,15 @@ impl TraceExporter {
     }
 
     /// Sends `traces`; must run on the shared runtime of `generation`.
-    /// The traces are borrowed (and normalised in place, idempotently) so a
-    /// caller whose send is cancelled still holds them.
-    pub async fn send(&self, traces: &mut [Trace], generation: u64) -> SendReport {
+    /// The traces are borrowed so a caller whose send is cancelled still
+    /// holds them.
+    pub async fn send(&self, traces: &[Trace], generation: u64) -> SendReport {
         if self.is_closed() {
             return SendReport::failed(traces.len(), "transport is closed".into());
         }
-        for t in traces.iter_mut() {
-            normalize_trace(t, &self.config.defaults);
-        }
         let deadline = Instant::now() + self.config.deadline;
-        let parts = split(traces, self.config.protocol, self.config.max_payload);
+        let c = &self.config;
+        let parts = split(traces, &c.defaults, c.protocol, c.max_payload);
         let mut report = SendReport {
             oversized_traces: parts.oversized_traces,
             ..Default::default()

@@ -1,33 +1,85 @@
-//! The span model: what a Ruby span Hash becomes once converted.
+//! The span model: what a Ruby trace becomes once converted.
 //!
 //! Owned, `Send` and Ruby-free, so that everything after conversion
-//! (normalisation, encoding, batching, HTTP) can run without the GVL on any
-//! thread. Field meanings follow the agent's v0.4 span map.
+//! (encoding, batching, HTTP) runs without the GVL on any thread.
+//!
+//! Conversion is the one cost the application thread pays, so a trace is
+//! laid out to need few allocations: every string of every span is copied
+//! into one text buffer ([`Trace::text`]) and referred to by [`Str`]
+//! ranges, and all meta and metrics entries of the trace share two vectors,
+//! each span owning a contiguous range of them. Rare fields (meta_struct,
+//! span links, span events) stay plainly owned.
+//!
+//! Defaults (service, env, version) and the `_dd.p.tid` tag of 128-bit
+//! trace ids are not written into the trace: [`SpanView`] derives them when
+//! the trace is encoded, on a background thread.
 
-/// One trace: the spans of one trace id, in the order they were given.
-pub type Trace = Vec<Span>;
+use std::borrow::Cow;
 
 /// The meta key that carries the high 64 bits of a 128-bit trace id.
 pub const TRACE_ID_HIGH_TAG: &str = "_dd.p.tid";
 
-/// A span, as sent to the agent.
+/// A string in its trace's text buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Str {
+    start: u32,
+    len: u32,
+}
+
+impl Str {
+    pub fn is_empty(self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A range of a trace's `meta` or `metrics` entries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Entries {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Entries {
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
+    }
+
+    pub fn len(self) -> usize {
+        (self.end - self.start) as usize
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// One trace: its spans, in the order given, and the storage they share.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Trace {
+    pub text: String,
+    pub spans: Vec<Span>,
+    pub meta: Vec<(Str, Str)>,
+    pub metrics: Vec<(Str, f64)>,
+}
+
+/// A span. Strings and entries live in the owning [`Trace`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Span {
     /// Full 128-bit trace id; only the low 64 bits go in `trace_id` on the wire.
     pub trace_id: u128,
     pub span_id: u64,
     pub parent_id: u64,
-    pub name: String,
-    pub service: String,
-    pub resource: String,
-    pub r#type: String,
+    pub name: Str,
+    pub service: Str,
+    pub resource: Str,
+    pub r#type: Str,
     /// Start, nanoseconds since the Unix epoch.
     pub start: i64,
     /// Duration in nanoseconds.
     pub duration: i64,
     pub error: i32,
-    pub meta: Vec<(String, String)>,
-    pub metrics: Vec<(String, f64)>,
+    pub meta: Entries,
+    pub metrics: Entries,
     /// Values already encoded as msgpack.
     pub meta_struct: Vec<(String, Vec<u8>)>,
     pub span_links: Vec<SpanLink>,
@@ -62,23 +114,77 @@ pub enum AttributeValue {
     Array(Vec<AttributeValue>),
 }
 
-impl Span {
-    /// The low 64 bits of the trace id, as sent in the span's `trace_id`.
-    pub fn trace_id_low(&self) -> u64 {
-        self.trace_id as u64
-    }
-
-    fn meta_get(&self, key: &str) -> Option<&str> {
-        self.meta
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn meta_set_default(&mut self, key: &str, value: &str) {
-        if self.meta_get(key).is_none() {
-            self.meta.push((key.to_owned(), value.to_owned()));
+impl Trace {
+    /// Copies `s` into the text buffer.
+    pub fn push_str(&mut self, s: &str) -> Str {
+        let start = self.text.len() as u32;
+        self.text.push_str(s);
+        Str {
+            start,
+            len: s.len() as u32,
         }
+    }
+
+    /// Copies bytes known to be valid UTF-8 into the text buffer.
+    ///
+    /// # Safety
+    /// `bytes` must be valid UTF-8.
+    pub unsafe fn push_utf8_unchecked(&mut self, bytes: &[u8]) -> Str {
+        let start = self.text.len() as u32;
+        // SAFETY: the caller guarantees UTF-8, so `text` stays a String.
+        unsafe { self.text.as_mut_vec().extend_from_slice(bytes) };
+        Str {
+            start,
+            len: bytes.len() as u32,
+        }
+    }
+
+    pub fn str(&self, s: Str) -> &str {
+        &self.text[s.start as usize..(s.start + s.len) as usize]
+    }
+
+    /// Marks where a span's meta entries begin (see [`Trace::meta_since`]).
+    pub fn meta_mark(&self) -> u32 {
+        self.meta.len() as u32
+    }
+
+    pub fn meta_since(&self, mark: u32) -> Entries {
+        Entries {
+            start: mark,
+            end: self.meta.len() as u32,
+        }
+    }
+
+    pub fn metrics_mark(&self) -> u32 {
+        self.metrics.len() as u32
+    }
+
+    pub fn metrics_since(&self, mark: u32) -> Entries {
+        Entries {
+            start: mark,
+            end: self.metrics.len() as u32,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Views of the spans, applying `defaults`.
+    pub fn views<'a>(&'a self, defaults: &'a SpanDefaults) -> impl Iterator<Item = SpanView<'a>> {
+        self.spans
+            .iter()
+            .enumerate()
+            .map(move |(i, span)| SpanView {
+                trace: self,
+                span,
+                defaults,
+                first: i == 0,
+            })
     }
 }
 
@@ -90,33 +196,149 @@ pub struct SpanDefaults {
     pub version: String,
 }
 
-/// Prepares a converted trace for the wire:
-/// - a 128-bit trace id puts its high 64 bits, as 16 hex digits, in meta
-///   `_dd.p.tid` of the first span (unless the caller already set it);
-/// - an empty `service` takes the default service; an empty `resource`
-///   takes the span's name;
-/// - `env` is added to every span's meta and `version` to the spans of the
-///   default service, when configured and not already present.
-pub fn normalize_trace(trace: &mut Trace, defaults: &SpanDefaults) {
-    if let Some(first) = trace.first_mut() {
-        let high = (first.trace_id >> 64) as u64;
-        if high != 0 {
-            first.meta_set_default(TRACE_ID_HIGH_TAG, &format!("{high:016x}"));
+/// A span as it goes on the wire:
+/// - an empty `service` is the default service; an empty `resource` is the
+///   span's name;
+/// - meta gains, unless already present: `_dd.p.tid` (the high 64 bits of
+///   a 128-bit trace id, 16 hex digits) on the first span, `env` on every
+///   span and `version` on the spans of the default service, when set.
+#[derive(Clone, Copy)]
+pub struct SpanView<'a> {
+    pub trace: &'a Trace,
+    pub span: &'a Span,
+    pub defaults: &'a SpanDefaults,
+    pub first: bool,
+}
+
+impl<'a> SpanView<'a> {
+    pub fn name(&self) -> &'a str {
+        self.trace.str(self.span.name)
+    }
+
+    pub fn service(&self) -> &'a str {
+        if self.span.service.is_empty() {
+            &self.defaults.service
+        } else {
+            self.trace.str(self.span.service)
         }
     }
-    for span in trace.iter_mut() {
-        if span.service.is_empty() {
-            span.service.clone_from(&defaults.service);
+
+    pub fn resource(&self) -> &'a str {
+        if self.span.resource.is_empty() {
+            self.name()
+        } else {
+            self.trace.str(self.span.resource)
         }
-        if span.resource.is_empty() {
-            span.resource.clone_from(&span.name);
+    }
+
+    pub fn r#type(&self) -> &'a str {
+        self.trace.str(self.span.r#type)
+    }
+
+    /// The span's own meta entries.
+    pub fn own_meta(&self) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        let t = self.trace;
+        t.meta[self.span.meta.range()]
+            .iter()
+            .map(move |(k, v)| (t.str(*k), t.str(*v)))
+    }
+
+    fn has_meta(&self, key: &str) -> bool {
+        self.own_meta().any(|(k, _)| k == key)
+    }
+
+    /// Meta entries derived from the trace id and the defaults.
+    pub fn extra_meta(&self) -> Vec<(&'static str, Cow<'a, str>)> {
+        let mut out = Vec::new();
+        let high = (self.span.trace_id >> 64) as u64;
+        if self.first && high != 0 && !self.has_meta(TRACE_ID_HIGH_TAG) {
+            out.push((TRACE_ID_HIGH_TAG, Cow::Owned(format!("{high:016x}"))));
         }
-        if !defaults.env.is_empty() {
-            span.meta_set_default("env", &defaults.env);
+        if !self.defaults.env.is_empty() && !self.has_meta("env") {
+            out.push(("env", Cow::Borrowed(self.defaults.env.as_str())));
         }
-        if !defaults.version.is_empty() && span.service == defaults.service {
-            span.meta_set_default("version", &defaults.version);
+        if !self.defaults.version.is_empty()
+            && self.service() == self.defaults.service
+            && !self.has_meta("version")
+        {
+            out.push(("version", Cow::Borrowed(self.defaults.version.as_str())));
         }
+        out
+    }
+
+    pub fn metrics(&self) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+        let t = self.trace;
+        t.metrics[self.span.metrics.range()]
+            .iter()
+            .map(move |(k, v)| (t.str(*k), *v))
+    }
+
+    /// The low 64 bits of the trace id, as sent in the span's `trace_id`.
+    pub fn trace_id_low(&self) -> u64 {
+        self.span.trace_id as u64
+    }
+}
+
+/// A span with owned fields: a convenient way to build a [`Trace`] in
+/// tests and benchmarks (`Trace::from(vec![SpanData { .. }])`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpanData {
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub parent_id: u64,
+    pub name: String,
+    pub service: String,
+    pub resource: String,
+    pub r#type: String,
+    pub start: i64,
+    pub duration: i64,
+    pub error: i32,
+    pub meta: Vec<(String, String)>,
+    pub metrics: Vec<(String, f64)>,
+    pub meta_struct: Vec<(String, Vec<u8>)>,
+    pub span_links: Vec<SpanLink>,
+    pub span_events: Vec<SpanEvent>,
+}
+
+impl From<Vec<SpanData>> for Trace {
+    fn from(spans: Vec<SpanData>) -> Trace {
+        let mut t = Trace::default();
+        for d in spans {
+            let name = t.push_str(&d.name);
+            let service = t.push_str(&d.service);
+            let resource = t.push_str(&d.resource);
+            let r#type = t.push_str(&d.r#type);
+            let mark = t.meta_mark();
+            for (k, v) in &d.meta {
+                let kv = (t.push_str(k), t.push_str(v));
+                t.meta.push(kv);
+            }
+            let meta = t.meta_since(mark);
+            let mark = t.metrics_mark();
+            for (k, v) in &d.metrics {
+                let k = t.push_str(k);
+                t.metrics.push((k, *v));
+            }
+            let metrics = t.metrics_since(mark);
+            t.spans.push(Span {
+                trace_id: d.trace_id,
+                span_id: d.span_id,
+                parent_id: d.parent_id,
+                name,
+                service,
+                resource,
+                r#type,
+                start: d.start,
+                duration: d.duration,
+                error: d.error,
+                meta,
+                metrics,
+                meta_struct: d.meta_struct,
+                span_links: d.span_links,
+                span_events: d.span_events,
+            });
+        }
+        t
     }
 }
 
@@ -124,28 +346,60 @@ pub fn normalize_trace(trace: &mut Trace, defaults: &SpanDefaults) {
 mod tests {
     use super::*;
 
+    fn meta_of(v: &SpanView<'_>) -> Vec<(String, String)> {
+        v.own_meta()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .chain(
+                v.extra_meta()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.into_owned())),
+            )
+            .collect()
+    }
+
+    #[test]
+    fn strings_and_entries_round_trip() {
+        let t = Trace::from(vec![SpanData {
+            name: "n".into(),
+            resource: "r".into(),
+            meta: vec![("a".into(), "1".into()), ("b".into(), "2".into())],
+            metrics: vec![("m".into(), 1.5)],
+            ..Default::default()
+        }]);
+        let d = SpanDefaults::default();
+        let v = t.views(&d).next().unwrap();
+        assert_eq!(v.name(), "n");
+        assert_eq!(v.resource(), "r");
+        assert_eq!(
+            meta_of(&v),
+            vec![("a".into(), "1".into()), ("b".into(), "2".into())]
+        );
+        assert_eq!(v.metrics().collect::<Vec<_>>(), vec![("m", 1.5)]);
+    }
+
     #[test]
     fn high_trace_id_bits_go_to_first_span_meta() {
         let tid = (0xabcd_u128 << 64) | 42;
-        let mut trace = vec![
-            Span {
+        let t = Trace::from(vec![
+            SpanData {
                 trace_id: tid,
                 name: "a".into(),
                 ..Default::default()
             },
-            Span {
+            SpanData {
                 trace_id: tid,
                 name: "b".into(),
                 ..Default::default()
             },
-        ];
-        normalize_trace(&mut trace, &SpanDefaults::default());
+        ]);
+        let d = SpanDefaults::default();
+        let views: Vec<_> = t.views(&d).collect();
         assert_eq!(
-            trace[0].meta_get(TRACE_ID_HIGH_TAG),
-            Some("000000000000abcd")
+            meta_of(&views[0]),
+            vec![(TRACE_ID_HIGH_TAG.into(), "000000000000abcd".into())]
         );
-        assert_eq!(trace[1].meta_get(TRACE_ID_HIGH_TAG), None);
-        assert_eq!(trace[0].trace_id_low(), 42);
+        assert!(meta_of(&views[1]).is_empty());
+        assert_eq!(views[0].trace_id_low(), 42);
     }
 
     #[test]
@@ -155,27 +409,31 @@ mod tests {
             env: "prod".into(),
             version: "1.2".into(),
         };
-        let mut trace = vec![
-            Span {
+        let t = Trace::from(vec![
+            SpanData {
                 name: "n".into(),
                 ..Default::default()
             },
-            Span {
+            SpanData {
                 name: "m".into(),
                 service: "other".into(),
                 resource: "r".into(),
                 meta: vec![("env".into(), "staging".into())],
                 ..Default::default()
             },
-        ];
-        normalize_trace(&mut trace, &defaults);
-        assert_eq!(trace[0].service, "svc");
-        assert_eq!(trace[0].resource, "n");
-        assert_eq!(trace[0].meta_get("env"), Some("prod"));
-        assert_eq!(trace[0].meta_get("version"), Some("1.2"));
-        assert_eq!(trace[1].service, "other");
-        assert_eq!(trace[1].resource, "r");
-        assert_eq!(trace[1].meta_get("env"), Some("staging"));
-        assert_eq!(trace[1].meta_get("version"), None);
+        ]);
+        let views: Vec<_> = t.views(&defaults).collect();
+        assert_eq!(views[0].service(), "svc");
+        assert_eq!(views[0].resource(), "n");
+        assert_eq!(
+            meta_of(&views[0]),
+            vec![
+                ("env".into(), "prod".into()),
+                ("version".into(), "1.2".into())
+            ]
+        );
+        assert_eq!(views[1].service(), "other");
+        assert_eq!(views[1].resource(), "r");
+        assert_eq!(meta_of(&views[1]), vec![("env".into(), "staging".into())]);
     }
 }

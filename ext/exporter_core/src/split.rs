@@ -5,7 +5,7 @@
 //! counted so the caller can report it.
 
 use crate::encode::{container_header_len, v04, v05, Protocol};
-use crate::span::Trace;
+use crate::span::{SpanDefaults, Trace};
 
 /// The agent's default limit on one request body.
 pub const DEFAULT_MAX_PAYLOAD: usize = 5 * 1024 * 1024;
@@ -26,14 +26,14 @@ pub struct Split {
 }
 
 /// Encodes `traces` into as few bodies as fit under `cap` bytes each.
-pub fn split(traces: &[Trace], protocol: Protocol, cap: usize) -> Split {
+pub fn split(traces: &[Trace], defaults: &SpanDefaults, protocol: Protocol, cap: usize) -> Split {
     match protocol {
-        Protocol::V04 => split_v04(traces, cap),
-        Protocol::V05 => split_v05(traces, cap),
+        Protocol::V04 => split_v04(traces, defaults, cap),
+        Protocol::V05 => split_v05(traces, defaults, cap),
     }
 }
 
-fn split_v04(traces: &[Trace], cap: usize) -> Split {
+fn split_v04(traces: &[Trace], defaults: &SpanDefaults, cap: usize) -> Split {
     let mut out = Split::default();
     let mut group: Vec<Vec<u8>> = Vec::new();
     let mut group_len = 0usize;
@@ -49,7 +49,7 @@ fn split_v04(traces: &[Trace], cap: usize) -> Split {
     };
     for trace in traces {
         let mut enc = Vec::new();
-        v04::encode_trace(&mut enc, trace);
+        v04::encode_trace(&mut enc, trace, defaults);
         if container_header_len(1) + enc.len() > cap {
             out.oversized_traces += 1;
             continue;
@@ -65,11 +65,11 @@ fn split_v04(traces: &[Trace], cap: usize) -> Split {
     out
 }
 
-fn split_v05(traces: &[Trace], cap: usize) -> Split {
+fn split_v05(traces: &[Trace], defaults: &SpanDefaults, cap: usize) -> Split {
     let mut out = Split::default();
     let mut builder = v05::Builder::new();
     for trace in traces {
-        if builder.try_add(trace, Some(cap)) {
+        if builder.try_add(trace, defaults, Some(cap)) {
             continue;
         }
         if builder.trace_count() > 0 {
@@ -78,7 +78,7 @@ fn split_v05(traces: &[Trace], cap: usize) -> Split {
                 trace_count: full.trace_count(),
                 body: full.finish(),
             });
-            if builder.try_add(trace, Some(cap)) {
+            if builder.try_add(trace, defaults, Some(cap)) {
                 continue;
             }
         }
@@ -96,16 +96,22 @@ fn split_v05(traces: &[Trace], cap: usize) -> Split {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::span::Span;
+    use crate::span::SpanData;
+
+    const D: SpanDefaults = SpanDefaults {
+        service: String::new(),
+        env: String::new(),
+        version: String::new(),
+    };
 
     fn trace(id: u64, resource_len: usize) -> Trace {
-        vec![Span {
+        Trace::from(vec![SpanData {
             trace_id: id.into(),
             span_id: id,
             name: "n".into(),
             resource: "r".repeat(resource_len),
             ..Default::default()
-        }]
+        }])
     }
 
     fn decoded_trace_ids(p: &Payload, protocol: Protocol) -> Vec<u64> {
@@ -130,7 +136,7 @@ mod tests {
     fn everything_fits_in_one_body() {
         for protocol in [Protocol::V04, Protocol::V05] {
             let traces: Vec<Trace> = (1..=10).map(|i| trace(i, 10)).collect();
-            let s = split(&traces, protocol, DEFAULT_MAX_PAYLOAD);
+            let s = split(&traces, &D, protocol, DEFAULT_MAX_PAYLOAD);
             assert_eq!(s.payloads.len(), 1);
             assert_eq!(s.payloads[0].trace_count, 10);
             assert_eq!(s.oversized_traces, 0);
@@ -142,7 +148,7 @@ mod tests {
         for protocol in [Protocol::V04, Protocol::V05] {
             let traces: Vec<Trace> = (1..=50).map(|i| trace(i, 300 + i as usize)).collect();
             let cap = 2_000;
-            let s = split(&traces, protocol, cap);
+            let s = split(&traces, &D, protocol, cap);
             assert!(s.payloads.len() > 5, "{protocol:?}: {}", s.payloads.len());
             let mut ids = Vec::new();
             for p in &s.payloads {
@@ -160,7 +166,7 @@ mod tests {
     fn oversized_trace_is_dropped_and_counted_others_sent() {
         for protocol in [Protocol::V04, Protocol::V05] {
             let traces = vec![trace(1, 10), trace(2, 5_000), trace(3, 10)];
-            let s = split(&traces, protocol, 1_000);
+            let s = split(&traces, &D, protocol, 1_000);
             assert_eq!(s.oversized_traces, 1, "{protocol:?}");
             let ids: Vec<u64> = s
                 .payloads
@@ -173,7 +179,7 @@ mod tests {
 
     #[test]
     fn empty_input_gives_no_body() {
-        assert_eq!(split(&[], Protocol::V04, 100), Split::default());
-        assert_eq!(split(&[], Protocol::V05, 100), Split::default());
+        assert_eq!(split(&[], &D, Protocol::V04, 100), Split::default());
+        assert_eq!(split(&[], &D, Protocol::V05, 100), Split::default());
     }
 }

@@ -231,12 +231,12 @@ impl TraceWriter {
                 _ = tokio::time::sleep(self.flush_interval) => {}
             }
             while !self.pausing.load(Ordering::Acquire) {
-                let (mut batch, last_seq) = self.take_batch();
+                let (batch, last_seq) = self.take_batch();
                 if batch.is_empty() {
                     break;
                 }
                 let report = tokio::select! {
-                    r = self.exporter.send(&mut batch, generation) => r,
+                    r = self.exporter.send(&batch, generation) => r,
                     _ = stop.cancelled() => {
                         self.requeue_front(batch, last_seq);
                         break 'outer;

@@ -7,14 +7,14 @@
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use super::write_array_len;
-use crate::span::{AttributeValue, Span, SpanEvent, SpanLink, Trace};
+use crate::span::{AttributeValue, SpanDefaults, SpanEvent, SpanLink, SpanView, Trace};
 
 /// Encodes one trace (an array of span maps) and appends it to `buf`.
-pub fn encode_trace(buf: &mut Vec<u8>, trace: &Trace) {
+pub fn encode_trace(buf: &mut Vec<u8>, trace: &Trace, defaults: &SpanDefaults) {
     write_array_len(buf, trace.len());
-    for span in trace {
-        // Serialising owned data into a Vec cannot fail.
-        let _ = span_map(span).serialize(&mut rmp_serde::Serializer::new(&mut *buf));
+    for view in trace.views(defaults) {
+        // Serialising into a Vec cannot fail.
+        let _ = SpanMap(view).serialize(&mut rmp_serde::Serializer::new(&mut *buf));
     }
 }
 
@@ -31,23 +31,19 @@ pub fn encode_payload<'a>(traces: impl ExactSizeIterator<Item = &'a [u8]>) -> Ve
 }
 
 /// Encodes traces into one v0.4 payload.
-pub fn encode(traces: &[Trace]) -> Vec<u8> {
+pub fn encode(traces: &[Trace], defaults: &SpanDefaults) -> Vec<u8> {
     let encoded: Vec<Vec<u8>> = traces
         .iter()
         .map(|t| {
             let mut b = Vec::new();
-            encode_trace(&mut b, t);
+            encode_trace(&mut b, t, defaults);
             b
         })
         .collect();
     encode_payload(encoded.iter().map(|b| b.as_slice()))
 }
 
-fn span_map(span: &Span) -> SpanMap<'_> {
-    SpanMap(span)
-}
-
-struct SpanMap<'a>(&'a Span);
+struct SpanMap<'a>(SpanView<'a>);
 
 struct Pairs<'a, V>(&'a [(String, V)]);
 
@@ -56,6 +52,35 @@ impl<V: Serialize> Serialize for Pairs<'_, V> {
         let mut m = s.serialize_map(Some(self.0.len()))?;
         for (k, v) in self.0 {
             m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+/// A span's meta: its own entries, then the derived ones.
+struct Meta<'a>(&'a SpanView<'a>);
+
+impl Serialize for Meta<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let extra = self.0.extra_meta();
+        let mut m = s.serialize_map(Some(self.0.span.meta.len() + extra.len()))?;
+        for (k, v) in self.0.own_meta() {
+            m.serialize_entry(k, v)?;
+        }
+        for (k, v) in &extra {
+            m.serialize_entry(k, v.as_ref())?;
+        }
+        m.end()
+    }
+}
+
+struct Metrics<'a>(&'a SpanView<'a>);
+
+impl Serialize for Metrics<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.span.metrics.len()))?;
+        for (k, v) in self.0.metrics() {
+            m.serialize_entry(k, &v)?;
         }
         m.end()
     }
@@ -83,34 +108,36 @@ impl Serialize for BinPairs<'_> {
 
 impl Serialize for SpanMap<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let sp = self.0;
+        let view = &self.0;
+        let sp = view.span;
+        let has_meta = !sp.meta.is_empty() || !view.extra_meta().is_empty();
         // trace_id span_id parent_id name service resource start duration
         // error, then the optional fields that are present.
         let len = 9
             + usize::from(!sp.r#type.is_empty())
-            + usize::from(!sp.meta.is_empty())
+            + usize::from(has_meta)
             + usize::from(!sp.metrics.is_empty())
             + usize::from(!sp.meta_struct.is_empty())
             + usize::from(!sp.span_links.is_empty())
             + usize::from(!sp.span_events.is_empty());
         let mut m = s.serialize_map(Some(len))?;
-        m.serialize_entry("trace_id", &sp.trace_id_low())?;
+        m.serialize_entry("trace_id", &view.trace_id_low())?;
         m.serialize_entry("span_id", &sp.span_id)?;
         m.serialize_entry("parent_id", &sp.parent_id)?;
-        m.serialize_entry("name", &sp.name)?;
-        m.serialize_entry("service", &sp.service)?;
-        m.serialize_entry("resource", &sp.resource)?;
+        m.serialize_entry("name", view.name())?;
+        m.serialize_entry("service", view.service())?;
+        m.serialize_entry("resource", view.resource())?;
         if !sp.r#type.is_empty() {
-            m.serialize_entry("type", &sp.r#type)?;
+            m.serialize_entry("type", view.r#type())?;
         }
         m.serialize_entry("start", &sp.start)?;
         m.serialize_entry("duration", &sp.duration)?;
         m.serialize_entry("error", &sp.error)?;
-        if !sp.meta.is_empty() {
-            m.serialize_entry("meta", &Pairs(&sp.meta))?;
+        if has_meta {
+            m.serialize_entry("meta", &Meta(view))?;
         }
         if !sp.metrics.is_empty() {
-            m.serialize_entry("metrics", &Pairs(&sp.metrics))?;
+            m.serialize_entry("metrics", &Metrics(view))?;
         }
         if !sp.meta_struct.is_empty() {
             m.serialize_entry("meta_struct", &BinPairs(&sp.meta_struct))?;
@@ -258,6 +285,7 @@ impl Serialize for ArrayValue<'_, '_> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::span::SpanData;
     use rmpv::Value;
 
     fn get<'a>(map: &'a Value, key: &str) -> Option<&'a Value> {
@@ -267,8 +295,8 @@ pub(crate) mod tests {
             .map(|(_, v)| v)
     }
 
-    pub(crate) fn sample_span() -> Span {
-        Span {
+    pub(crate) fn sample_span() -> SpanData {
+        SpanData {
             trace_id: (7u128 << 64) | 1,
             span_id: 2,
             parent_id: 3,
@@ -306,13 +334,22 @@ pub(crate) mod tests {
     #[test]
     fn decodes_what_it_encoded() {
         let span = sample_span();
-        let payload = encode(&[vec![span.clone()], vec![]]);
+        let payload = encode(
+            &[Trace::from(vec![span.clone()]), Trace::default()],
+            &SpanDefaults::default(),
+        );
         let v = rmpv::decode::read_value(&mut payload.as_slice()).unwrap();
         let traces = v.as_array().unwrap();
         assert_eq!(traces.len(), 2);
         assert!(traces[1].as_array().unwrap().is_empty());
         let s = &traces[0].as_array().unwrap()[0];
+        // 9 fixed fields, type, meta (own + _dd.p.tid), metrics,
+        // meta_struct, span_links, span_events.
         assert_eq!(s.as_map().unwrap().len(), 15);
+        assert_eq!(
+            get(get(s, "meta").unwrap(), "_dd.p.tid").unwrap().as_str(),
+            Some("0000000000000007")
+        );
         assert_eq!(get(s, "trace_id").unwrap().as_u64(), Some(1));
         assert_eq!(get(s, "span_id").unwrap().as_u64(), Some(2));
         assert_eq!(get(s, "parent_id").unwrap().as_u64(), Some(3));
@@ -347,13 +384,13 @@ pub(crate) mod tests {
 
     #[test]
     fn minimal_span_leaves_out_empty_fields() {
-        let span = Span {
+        let span = SpanData {
             trace_id: 1,
             span_id: 1,
             name: "n".into(),
             ..Default::default()
         };
-        let payload = encode(&[vec![span]]);
+        let payload = encode(&[Trace::from(vec![span])], &SpanDefaults::default());
         let v = rmpv::decode::read_value(&mut payload.as_slice()).unwrap();
         let s = &v.as_array().unwrap()[0].as_array().unwrap()[0];
         let keys: Vec<&str> = s

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use super::{container_header_len, span_events_json, span_links_json, write_array_len};
-use crate::span::{Span, Trace};
+use crate::span::{SpanDefaults, SpanView, Trace};
 
 /// Builds one v0.5 payload trace by trace, so that the splitter can stop
 /// before a payload crosses its size cap.
@@ -59,12 +59,12 @@ impl Builder {
     /// Adds a trace if the payload stays within `cap` bytes (or if it is the
     /// first trace and `cap` is `None`). Returns whether it was added; when
     /// not, the builder is unchanged.
-    pub fn try_add(&mut self, trace: &Trace, cap: Option<usize>) -> bool {
+    pub fn try_add(&mut self, trace: &Trace, defaults: &SpanDefaults, cap: Option<usize>) -> bool {
         let strings_before = self.strings.len();
         let strings_len_before = self.strings_len;
         let traces_before = self.traces.len();
         let mut buf = std::mem::take(&mut self.traces);
-        self.encode_trace(&mut buf, trace);
+        self.encode_trace(&mut buf, trace, defaults);
         self.traces = buf;
         self.trace_count += 1;
         if cap.is_some_and(|cap| self.encoded_len() > cap) {
@@ -109,20 +109,21 @@ impl Builder {
         let _ = rmp::encode::write_uint(buf, v);
     }
 
-    fn encode_trace(&mut self, buf: &mut Vec<u8>, trace: &Trace) {
+    fn encode_trace(&mut self, buf: &mut Vec<u8>, trace: &Trace, defaults: &SpanDefaults) {
         write_array_len(buf, trace.len());
-        for span in trace {
-            self.encode_span(buf, span);
+        for view in trace.views(defaults) {
+            self.encode_span(buf, &view);
         }
     }
 
-    fn encode_span(&mut self, buf: &mut Vec<u8>, sp: &Span) {
+    fn encode_span(&mut self, buf: &mut Vec<u8>, view: &SpanView<'_>) {
+        let sp = view.span;
         write_array_len(buf, 12);
-        for s in [&sp.service, &sp.name, &sp.resource] {
+        for s in [view.service(), view.name(), view.resource()] {
             let i = self.intern(s);
             Self::uint(buf, i.into());
         }
-        Self::uint(buf, sp.trace_id_low());
+        Self::uint(buf, view.trace_id_low());
         Self::uint(buf, sp.span_id);
         Self::uint(buf, sp.parent_id);
         let _ = rmp::encode::write_sint(buf, sp.start);
@@ -131,39 +132,36 @@ impl Builder {
 
         let links = (!sp.span_links.is_empty()).then(|| span_links_json(&sp.span_links));
         let events = (!sp.span_events.is_empty()).then(|| span_events_json(&sp.span_events));
-        let extra = usize::from(links.is_some()) + usize::from(events.is_some());
+        let derived = view.extra_meta();
+        let extra = usize::from(links.is_some()) + usize::from(events.is_some()) + derived.len();
         let _ = rmp::encode::write_map_len(buf, (sp.meta.len() + extra) as u32);
         let extras = [("_dd.span_links", links), ("events", events)];
         let extras = extras
             .iter()
             .filter_map(|(k, v)| v.as_deref().map(|v| (*k, v)));
-        for (k, v) in sp
-            .meta
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .chain(extras)
-        {
+        let derived = derived.iter().map(|(k, v)| (*k, v.as_ref()));
+        for (k, v) in view.own_meta().chain(derived).chain(extras) {
             let k = self.intern(k);
             let v = self.intern(v);
             Self::uint(buf, k.into());
             Self::uint(buf, v.into());
         }
         let _ = rmp::encode::write_map_len(buf, sp.metrics.len() as u32);
-        for (k, v) in &sp.metrics {
+        for (k, v) in view.metrics() {
             let k = self.intern(k);
             Self::uint(buf, k.into());
-            let _ = rmp::encode::write_f64(buf, *v);
+            let _ = rmp::encode::write_f64(buf, v);
         }
-        let t = self.intern(&sp.r#type);
+        let t = self.intern(view.r#type());
         Self::uint(buf, t.into());
     }
 }
 
 /// Encodes traces into one v0.5 payload.
-pub fn encode(traces: &[Trace]) -> Vec<u8> {
+pub fn encode(traces: &[Trace], defaults: &SpanDefaults) -> Vec<u8> {
     let mut b = Builder::new();
     for t in traces {
-        b.try_add(t, None);
+        b.try_add(t, defaults, None);
     }
     b.finish()
 }
@@ -189,10 +187,12 @@ mod tests {
     fn decodes_what_it_encoded() {
         let mut span = crate::encode::v04::tests::sample_span();
         span.meta_struct.clear();
-        let payload = encode(&[vec![span.clone(), span.clone()]]);
+        let d = SpanDefaults::default();
+        let trace = Trace::from(vec![span.clone(), span.clone()]);
+        let payload = encode(std::slice::from_ref(&trace), &d);
         assert_eq!(payload.len(), {
             let mut b = Builder::new();
-            b.try_add(&vec![span.clone(), span.clone()], None);
+            b.try_add(&trace, &d, None);
             b.encoded_len()
         });
         let (strings, traces) = decode(&payload);
@@ -218,9 +218,10 @@ mod tests {
             .map(|(k, v)| (st(k), st(v)))
             .collect();
         assert_eq!(meta[0], ("http.method".into(), "GET".into()));
-        assert_eq!(meta[1].0, "_dd.span_links");
-        assert!(meta[1].1.contains("\"tracestate\":\"dd=s:1\""));
-        assert_eq!(meta[2].0, "events");
+        assert_eq!(meta[1], ("_dd.p.tid".into(), "0000000000000007".into()));
+        assert_eq!(meta[2].0, "_dd.span_links");
+        assert!(meta[2].1.contains("\"tracestate\":\"dd=s:1\""));
+        assert_eq!(meta[3].0, "events");
         let metrics = s[10].as_map().unwrap();
         assert_eq!(st(&metrics[0].0), "_sampling_priority_v1");
         assert_eq!(metrics[0].1.as_f64(), Some(1.0));
@@ -232,12 +233,13 @@ mod tests {
     #[test]
     fn try_add_over_cap_leaves_builder_unchanged() {
         let span = crate::encode::v04::tests::sample_span();
+        let d = SpanDefaults::default();
         let mut b = Builder::new();
-        assert!(b.try_add(&vec![span.clone()], Some(10_000)));
+        assert!(b.try_add(&Trace::from(vec![span.clone()]), &d, Some(10_000)));
         let len = b.encoded_len();
         let mut big = span.clone();
         big.resource = "x".repeat(20_000);
-        assert!(!b.try_add(&vec![big], Some(10_000)));
+        assert!(!b.try_add(&Trace::from(vec![big]), &d, Some(10_000)));
         assert_eq!(b.encoded_len(), len);
         assert_eq!(b.trace_count(), 1);
         let payload = b.finish();
