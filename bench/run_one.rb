@@ -4,7 +4,7 @@
 # JSON line. Run by bench/bench.rb:
 #   ruby bench/run_one.rb MODE IMPL URL
 # MODE: alone | contention | paced | kill | fork_system | fork_fork | idle_rss
-# IMPL: baseline | sync | writer | none | gem
+# IMPL: baseline | sync | writer | none | gem | ab (fork_*: without, then with the gem)
 require "json"
 require_relative "workload"
 
@@ -34,8 +34,8 @@ def ruby_threads_cpu(except: nil)
   end
 end
 
-def load_impl
-  case IMPL
+def load_impl(impl = IMPL)
+  case impl
   when "baseline"
     require_relative "baseline"
     BaselineExporter.new(URL)
@@ -43,7 +43,7 @@ def load_impl
     $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
     require "exporter"
     t = Exporter::Transport.new(url: URL)
-    IMPL == "writer" ? Exporter::Writer.new(transport: t, buffer_size: 5_000, flush_interval: 0.05) : t
+    impl == "writer" ? Exporter::Writer.new(transport: t, buffer_size: 5_000, flush_interval: 0.05) : t
   end
 end
 
@@ -178,20 +178,20 @@ result =
     end
     { kill_ms: samples.sort[samples.size / 2], kill_ms_max: samples.max }
   when "fork_system", "fork_fork"
-    if IMPL == "gem"
-      w = load_impl
-      w.send_traces(BATCHES[0]) # the runtime is running, as in an app
+    # A/B in one process (less noise than two processes): first without
+    # the gem, then with it loaded and its runtime running, as in an app.
+    call = MODE == "fork_system" ? -> { system("true") } : -> { Process.wait(fork { exit!(0) }) }
+    timed = lambda do
+      20.times { call.() }
+      n = 200
+      t0 = now
+      n.times { call.() }
+      (now - t0) * 1e6 / n
     end
-    n = 200
-    t0 = now
-    n.times do
-      if MODE == "fork_system"
-        system("true")
-      else
-        Process.wait(fork { exit!(0) })
-      end
-    end
-    { us_per_call: (now - t0) * 1e6 / n }
+    without = timed.()
+    t = load_impl("sync")
+    t.send_traces(BATCHES[0])
+    { none_us: without, gem_us: timed.() }
   when "idle_rss"
     require "msgpack"
     require "net/http"

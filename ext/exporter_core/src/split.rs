@@ -4,7 +4,7 @@
 //! alone would exceed the cap cannot be sent at all; it is dropped and
 //! counted so the caller can report it.
 
-use crate::encode::{container_header_len, v04, v05, Protocol};
+use crate::encode::{v04, v05, Protocol};
 use crate::span::{SpanDefaults, Trace};
 
 /// The agent's default limit on one request body.
@@ -35,33 +35,23 @@ pub fn split(traces: &[Trace], defaults: &SpanDefaults, protocol: Protocol, cap:
 
 fn split_v04(traces: &[Trace], defaults: &SpanDefaults, cap: usize) -> Split {
     let mut out = Split::default();
-    let mut group: Vec<Vec<u8>> = Vec::new();
-    let mut group_len = 0usize;
-    let flush = |group: &mut Vec<Vec<u8>>, group_len: &mut usize, out: &mut Split| {
-        if !group.is_empty() {
-            out.payloads.push(Payload {
-                body: v04::encode_payload(group.iter().map(|b| b.as_slice())),
-                trace_count: group.len(),
-            });
-            group.clear();
-            *group_len = 0;
-        }
-    };
+    let mut body = v04::PayloadBuilder::new();
     for trace in traces {
-        let mut enc = Vec::new();
-        v04::encode_trace(&mut enc, trace, defaults);
-        if container_header_len(1) + enc.len() > cap {
-            out.oversized_traces += 1;
+        if body.try_add(trace, defaults, cap) {
             continue;
         }
-        let with = container_header_len(group.len() + 1) + group_len + enc.len();
-        if with > cap {
-            flush(&mut group, &mut group_len, &mut out);
+        if body.trace_count() > 0 {
+            let full = std::mem::take(&mut body);
+            out.payloads.push(full.finish());
+            if body.try_add(trace, defaults, cap) {
+                continue;
+            }
         }
-        group_len += enc.len();
-        group.push(enc);
+        out.oversized_traces += 1;
     }
-    flush(&mut group, &mut group_len, &mut out);
+    if body.trace_count() > 0 {
+        out.payloads.push(body.finish());
+    }
     out
 }
 

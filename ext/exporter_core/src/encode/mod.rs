@@ -35,7 +35,7 @@ impl Protocol {
     }
 }
 
-/// Size in bytes of a msgpack array (or map) header for `len` elements.
+/// Size in bytes of the smallest msgpack array header for `len` elements.
 pub(crate) fn container_header_len(len: usize) -> usize {
     if len < 16 {
         1

@@ -8,6 +8,7 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use super::write_array_len;
 use crate::span::{AttributeValue, SpanDefaults, SpanEvent, SpanLink, SpanView, Trace};
+use crate::split::Payload;
 
 /// Encodes one trace (an array of span maps) and appends it to `buf`.
 pub fn encode_trace(buf: &mut Vec<u8>, trace: &Trace, defaults: &SpanDefaults) {
@@ -18,29 +19,68 @@ pub fn encode_trace(buf: &mut Vec<u8>, trace: &Trace, defaults: &SpanDefaults) {
     }
 }
 
-/// Encodes a whole payload from already-encoded traces.
-pub fn encode_payload<'a>(traces: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
-    let parts: Vec<&[u8]> = traces.collect();
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    let mut buf = Vec::with_capacity(len + 5);
-    write_array_len(&mut buf, parts.len());
-    for part in parts {
-        buf.extend_from_slice(part);
+/// Builds one v0.4 body trace by trace, in a single buffer, so that the
+/// splitter can stop before a body crosses its size cap. The outer array
+/// header is written in its 5-byte form (valid msgpack for any count) and
+/// filled in by `finish`, so traces are encoded in place, never copied.
+#[derive(Debug)]
+pub struct PayloadBuilder {
+    body: Vec<u8>,
+    trace_count: usize,
+}
+
+const HEADER_LEN: usize = 5;
+
+impl Default for PayloadBuilder {
+    fn default() -> Self {
+        Self::new()
     }
-    buf
+}
+
+impl PayloadBuilder {
+    pub fn new() -> PayloadBuilder {
+        let mut body = Vec::with_capacity(64 * 1024);
+        body.extend_from_slice(&[0xdd, 0, 0, 0, 0]);
+        PayloadBuilder {
+            body,
+            trace_count: 0,
+        }
+    }
+
+    pub fn trace_count(&self) -> usize {
+        self.trace_count
+    }
+
+    /// Adds a trace if the body stays within `cap` bytes; when not, the
+    /// builder is unchanged.
+    pub fn try_add(&mut self, trace: &Trace, defaults: &SpanDefaults, cap: usize) -> bool {
+        let before = self.body.len();
+        encode_trace(&mut self.body, trace, defaults);
+        if self.body.len() > cap {
+            self.body.truncate(before);
+            return false;
+        }
+        self.trace_count += 1;
+        true
+    }
+
+    pub fn finish(mut self) -> Payload {
+        let n = self.trace_count as u32;
+        self.body[1..HEADER_LEN].copy_from_slice(&n.to_be_bytes());
+        Payload {
+            body: self.body,
+            trace_count: self.trace_count,
+        }
+    }
 }
 
 /// Encodes traces into one v0.4 payload.
 pub fn encode(traces: &[Trace], defaults: &SpanDefaults) -> Vec<u8> {
-    let encoded: Vec<Vec<u8>> = traces
-        .iter()
-        .map(|t| {
-            let mut b = Vec::new();
-            encode_trace(&mut b, t, defaults);
-            b
-        })
-        .collect();
-    encode_payload(encoded.iter().map(|b| b.as_slice()))
+    let mut b = PayloadBuilder::new();
+    for t in traces {
+        b.try_add(t, defaults, usize::MAX);
+    }
+    b.finish().body
 }
 
 struct SpanMap<'a>(SpanView<'a>);
@@ -58,16 +98,19 @@ impl<V: Serialize> Serialize for Pairs<'_, V> {
 }
 
 /// A span's meta: its own entries, then the derived ones.
-struct Meta<'a>(&'a SpanView<'a>);
+struct Meta<'a>(
+    &'a SpanView<'a>,
+    &'a [(&'static str, std::borrow::Cow<'a, str>)],
+);
 
 impl Serialize for Meta<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let extra = self.0.extra_meta();
+        let extra = self.1;
         let mut m = s.serialize_map(Some(self.0.span.meta.len() + extra.len()))?;
         for (k, v) in self.0.own_meta() {
             m.serialize_entry(k, v)?;
         }
-        for (k, v) in &extra {
+        for (k, v) in extra {
             m.serialize_entry(k, v.as_ref())?;
         }
         m.end()
@@ -110,7 +153,8 @@ impl Serialize for SpanMap<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let view = &self.0;
         let sp = view.span;
-        let has_meta = !sp.meta.is_empty() || !view.extra_meta().is_empty();
+        let extra = view.extra_meta();
+        let has_meta = !sp.meta.is_empty() || !extra.is_empty();
         // trace_id span_id parent_id name service resource start duration
         // error, then the optional fields that are present.
         let len = 9
@@ -134,7 +178,7 @@ impl Serialize for SpanMap<'_> {
         m.serialize_entry("duration", &sp.duration)?;
         m.serialize_entry("error", &sp.error)?;
         if has_meta {
-            m.serialize_entry("meta", &Meta(view))?;
+            m.serialize_entry("meta", &Meta(view, &extra))?;
         }
         if !sp.metrics.is_empty() {
             m.serialize_entry("metrics", &Metrics(view))?;
