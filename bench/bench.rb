@@ -77,6 +77,7 @@ begin
     record.("system", run_one("fork_system", "ab", url))
     record.("fork", run_one("fork_fork", "ab", url))
     %w[none gem].each { |impl| record.("idle #{impl}", run_one("idle_rss", impl, url)) }
+    record.("exposures", run_one("record", "gem", url))
   end
 ensure
   stop(sink_pid)
@@ -121,7 +122,8 @@ lines << "| fork { exit! } + wait µs, without gem | #{fmt_range.('fork', :none_
 lines << "| fork { exit! } + wait µs, with gem (runtime running; hooks stop and restart it) | #{fmt_range.('fork', :gem_us, 0)} |"
 lines << "| idle RSS MB, msgpack + net/http loaded | #{fmt_range.('idle none', :rss_mb, 1)} |"
 lines << "| idle RSS MB, + exporter loaded, runtime started | #{fmt_range.('idle gem', :rss_mb, 1)} |"
-lines << "| Exposures#record µs/call | n/a (feature-flag exposures not built yet) |"
+lines << "| Exposures#record µs/call on the Ruby thread, new assignment (3 attributes) | #{fmt_range.('exposures', :record_us, 2)} |"
+lines << "| Exposures#record µs/call on the Ruby thread, deduplicated | #{fmt_range.('exposures', :record_dedup_us, 2)} |"
 
 base_cpu = med.("baseline alone", :thread_cpu_us_per_span)
 base_rate = med.("baseline alone", :spans_per_s)

@@ -192,6 +192,25 @@ result =
     t = load_impl("sync")
     t.send_traces(BATCHES[0])
     { none_us: without, gem_us: timed.() }
+  when "record"
+    $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
+    require "exporter"
+    e = Exporter::Exposures.new(url: URL, flush_interval: 0.2)
+    attrs = { "plan" => "pro", "country" => "fr", "age" => 30 }
+    per_call = lambda do |n, &blk|
+      t0 = thread_cpu
+      n.times(&blk)
+      (thread_cpu - t0) * 1e6 / n
+    end
+    n = 50_000
+    fresh = per_call.(n) do |i|
+      e.record(flag: "checkout", allocation: "rollout", variant: "on", subject_id: "user-#{i}", subject_attributes: attrs)
+    end
+    dedup = per_call.(n) do
+      e.record(flag: "checkout", allocation: "rollout", variant: "on", subject_id: "user-1", subject_attributes: attrs)
+    end
+    e.close(timeout: 30)
+    { record_us: fresh, record_dedup_us: dedup, dropped: e.stats[:dropped] }
   when "idle_rss"
     require "msgpack"
     require "net/http"

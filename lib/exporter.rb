@@ -3,6 +3,7 @@
 require_relative "exporter/version"
 require_relative "exporter/errors"
 require_relative "exporter/config"
+require_relative "exporter/args"
 require_relative "exporter/response"
 require_relative "exporter/at_fork"
 require_relative "exporter/send_lock"
@@ -15,7 +16,9 @@ end
 
 require_relative "exporter/runtime"
 require_relative "exporter/transport"
+require_relative "exporter/exit_flush"
 require_relative "exporter/writer"
+require_relative "exporter/exposures"
 
 # Telemetry export for Ruby processes, with a native core: see README.md.
 module Exporter

@@ -24,17 +24,17 @@ module Exporter
       def new(url: nil, timeout: nil, protocol: :v04, service: nil, env: nil, version: nil,
               deadline: nil, max_retries: DEFAULT_MAX_RETRIES,
               max_payload_size: Config::DEFAULT_MAX_PAYLOAD_SIZE)
-        timeout = seconds(:timeout, timeout || Config.timeout)
+        timeout = Args.seconds(:timeout, timeout || Config.timeout)
         opts = {
-          url: string(:url, url || Config.agent_url),
+          url: Args.string(:url, url || Config.agent_url),
           timeout: timeout,
-          deadline: seconds(:deadline, deadline || (timeout * 3)),
+          deadline: Args.seconds(:deadline, deadline || (timeout * 3)),
           protocol: protocol(protocol),
-          max_retries: integer(:max_retries, max_retries),
-          max_payload_size: integer(:max_payload_size, max_payload_size),
-          service: string(:service, service || Config.service),
-          env: string(:env, env || Config.env_name),
-          version: string(:version, version || Config.version),
+          max_retries: Args.integer(:max_retries, max_retries),
+          max_payload_size: Args.integer(:max_payload_size, max_payload_size),
+          service: Args.string(:service, service || Config.service),
+          env: Args.string(:env, env || Config.env_name),
+          version: Args.string(:version, version || Config.version),
           lang_version: RUBY_VERSION,
           lang_interpreter: RUBY_ENGINE,
           tracer_version: VERSION
@@ -65,25 +65,6 @@ module Exporter
         return sym if PROTOCOLS.include?(sym)
 
         raise ArgumentError, "protocol must be one of #{PROTOCOLS.inspect} (got #{value.inspect})"
-      end
-
-      def string(name, value)
-        return value if value.is_a?(String)
-
-        raise ArgumentError, "#{name} must be a String (got #{value.class})"
-      end
-
-      def integer(name, value)
-        return value if value.is_a?(Integer)
-
-        raise ArgumentError, "#{name} must be an Integer (got #{value.class})"
-      end
-
-      def seconds(name, value)
-        f = Float(value, exception: false) if value.is_a?(Numeric) || value.is_a?(String)
-        return f if f&.finite? && f.positive?
-
-        raise ArgumentError, "#{name} must be a positive number of seconds (got #{value.inspect})"
       end
     end
 

@@ -13,39 +13,20 @@ module Exporter
   #
   # Fork: the flusher pauses before fork and resumes in the parent; a child
   # starts with an empty buffer (the parent sends what was queued) and fresh
-  # stats. At exit, live writers are flushed for at most `EXIT_FLUSH_TIMEOUT`
-  # seconds, so short-lived processes and gracefully stopped workers lose
-  # nothing.
+  # stats. At exit, live writers are flushed (see `ExitFlush`).
   class Writer
     DEFAULT_BUFFER_SIZE = 1000
     DEFAULT_FLUSH_INTERVAL = 1.0
     DEFAULT_TIMEOUT = 5.0
-    EXIT_FLUSH_TIMEOUT = 5.0
 
-    @live = ObjectSpace::WeakMap.new
+    def self.new(transport:, buffer_size: DEFAULT_BUFFER_SIZE, flush_interval: DEFAULT_FLUSH_INTERVAL)
+      raise ArgumentError, "transport must be an Exporter::Transport" unless transport.is_a?(Transport)
+      raise ArgumentError, "buffer_size must be an Integer" unless buffer_size.is_a?(Integer)
+      raise ArgumentError, "flush_interval must be Numeric" unless flush_interval.is_a?(Numeric)
 
-    class << self
-      def new(transport:, buffer_size: DEFAULT_BUFFER_SIZE, flush_interval: DEFAULT_FLUSH_INTERVAL)
-        raise ArgumentError, "transport must be an Exporter::Transport" unless transport.is_a?(Transport)
-        raise ArgumentError, "buffer_size must be an Integer" unless buffer_size.is_a?(Integer)
-        raise ArgumentError, "flush_interval must be Numeric" unless flush_interval.is_a?(Numeric)
-
-        writer = _native_new(transport, buffer_size, flush_interval.to_f)
-        writer.instance_variable_set(:@transport, transport)
-        @live[writer] = true
-        writer
-      end
-
-      # Flushes every live writer, sharing one time budget (at_exit).
-      def flush_all(timeout: EXIT_FLUSH_TIMEOUT)
-        deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
-        @live.each_key do |w|
-          left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
-          break if left <= 0
-
-          w.flush(timeout: left) unless w.stopped?
-        end
-      end
+      writer = _native_new(transport, buffer_size, flush_interval.to_f)
+      writer.instance_variable_set(:@transport, transport)
+      ExitFlush.register(writer)
     end
 
     attr_reader :transport
@@ -107,5 +88,3 @@ module Exporter
     def stats = @lock.synchronize { @stats.dup }
   end
 end
-
-at_exit { Exporter::Writer.flush_all }

@@ -1,5 +1,6 @@
 # frozen_string_literal: true
 
+require "base64"
 require "json"
 require "uri"
 require "net/http"
@@ -113,6 +114,17 @@ class TestAgent
   def requests
     JSON.parse(get("/test/session/requests").body)
   end
+
+  # Bodies (parsed JSON) of the EVP exposure requests received, with their
+  # headers: [[headers, body], ...].
+  def exposure_requests
+    requests.select { |r| r["url"].to_s.include?("/evp_proxy/v2/api/v2/exposures") }.map do |r|
+      [r["headers"].transform_keys(&:downcase), JSON.parse(Base64.decode64(r["body"]))]
+    end
+  end
+
+  # Every exposure event received, in order.
+  def exposures = exposure_requests.flat_map { |_, body| body["exposures"] }
 
   # nil when no trace check failed, else the failure text.
   def check_failures

@@ -88,6 +88,43 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// What became of work run with [`run`].
+pub enum Ran<T> {
+    Done(T),
+    /// Abandoned by a fork (see [`wait`]).
+    Abandoned,
+    /// The runtime could not be used.
+    NoRuntime(exporter_core::runtime::RuntimeError),
+}
+
+/// Runs the future `make(generation)` on the shared runtime and waits for
+/// it without the GVL (see [`wait`]). An exception raised meanwhile cancels
+/// the future and is returned.
+pub fn run<T, F>(ruby: &Ruby, make: impl FnOnce(u64) -> F) -> Result<Ran<T>, Error>
+where
+    T: Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+{
+    let (handle, generation) = match exporter_core::runtime::handle() {
+        Ok(h) => h,
+        Err(e) => return Ok(Ran::NoRuntime(e)),
+    };
+    let work = CancellationToken::new();
+    let cancelled = work.clone();
+    let (tx, rx) = oneshot::channel();
+    let fut = make(generation);
+    handle.spawn(async move {
+        tokio::select! {
+            v = fut => { let _ = tx.send(v); }
+            _ = cancelled.cancelled() => {}
+        }
+    });
+    Ok(match wait(ruby, rx, &work)? {
+        Some(v) => Ran::Done(v),
+        None => Ran::Abandoned,
+    })
+}
+
 /// Waits for `rx` without the GVL. If a Ruby interrupt raises meanwhile,
 /// `work` is cancelled and the exception is returned, to be re-raised by
 /// magnus once every Rust frame has been dropped.

@@ -4,12 +4,14 @@
 //! delegates to `exporter_core`, which owns all behaviour:
 //! - `transport`: `Exporter::Transport`
 //! - `writer`: `Exporter::Writer`
+//! - `exposures`: `Exporter::Exposures`
 //! - `native`: `Exporter::Native` (runtime fork lifecycle)
 //! - `convert`: Ruby spans to core spans (the GVL-held part)
 //! - `gvl`: waiting without the GVL, with a cancelling unblock function
 
 mod convert;
 mod errors;
+mod exposures;
 mod gvl;
 mod native;
 mod transport;
@@ -23,6 +25,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     let module = ruby.define_module("Exporter")?;
     transport::init(ruby, module)?;
     writer::init(ruby, module)?;
+    exposures::init(ruby, module)?;
     native::init(module)?;
     Ok(())
 }

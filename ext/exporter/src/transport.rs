@@ -11,13 +11,11 @@ use std::time::Duration;
 use exporter_core::agent::{Config, SendReport, TraceExporter};
 use exporter_core::encode::Protocol;
 use exporter_core::retry::RetryPolicy;
-use exporter_core::runtime;
 use exporter_core::span::{SpanDefaults, Trace};
 use magnus::{function, method, prelude::*, Error, RHash, RModule, Ruby, Symbol, Value};
-use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 
-use crate::{convert, errors, gvl};
+use crate::gvl::{self, Ran};
+use crate::{convert, errors};
 
 #[magnus::wrap(class = "Exporter::Transport", free_immediately, size)]
 pub struct Transport {
@@ -95,23 +93,18 @@ impl Transport {
         if count == 0 {
             return Ok(SendReport::default());
         }
-        let (handle, generation) = match runtime::handle() {
-            Ok(h) => h,
-            Err(e) => return Ok(SendReport::failed(count, e.to_string())),
-        };
-        let work = CancellationToken::new();
-        let (tx, rx) = oneshot::channel();
         let exporter = self.exporter.clone();
-        let cancelled = work.clone();
-        handle.spawn(async move {
-            tokio::select! {
-                report = exporter.send(&traces, generation) => { let _ = tx.send(report); }
-                _ = cancelled.cancelled() => {}
-            }
-        });
-        Ok(gvl::wait(ruby, rx, &work)?.unwrap_or_else(|| {
-            SendReport::failed(count, "send abandoned: the process forked during it".into())
-        }))
+        Ok(
+            match gvl::run(ruby, move |generation| async move {
+                exporter.send(&traces, generation).await
+            })? {
+                Ran::Done(report) => report,
+                Ran::Abandoned => {
+                    SendReport::failed(count, "send abandoned: the process forked during it".into())
+                }
+                Ran::NoRuntime(e) => SendReport::failed(count, e.to_string()),
+            },
+        )
     }
 
     /// `#_send_traces(traces)`: a Hash for `Exporter::Response.new`.

@@ -6,15 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use exporter_core::runtime;
+use exporter_core::batch::{BatchSink, BatchWorker, TraceWriter, MAX_BATCH};
 use exporter_core::worker::{self, Worker};
-use exporter_core::writer::TraceWriter;
 use magnus::{function, method, prelude::*, Error, RHash, RModule, Ruby, Value};
-use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 
+use crate::gvl::{self, Ran};
 use crate::transport::Transport;
-use crate::{convert, errors, gvl};
+use crate::{convert, errors};
 
 #[magnus::wrap(class = "Exporter::Writer", free_immediately, size)]
 pub struct Writer {
@@ -37,10 +35,14 @@ impl Writer {
                 "flush_interval must be a positive number of seconds",
             ));
         }
+        let capacity = buffer_size as usize;
         let inner = Arc::new(TraceWriter::new(
             transport.exporter(),
-            buffer_size as usize,
+            capacity,
+            // Send early once half the buffer is used.
+            (capacity / 2).min(MAX_BATCH),
             Duration::from_secs_f64(flush_interval),
+            "trace writer",
         ));
         let as_worker: Arc<dyn Worker> = inner.clone();
         worker::register(&as_worker).map_err(|e| errors::argument(ruby, e))?;
@@ -56,27 +58,7 @@ impl Writer {
 
     /// Waits, without the GVL, until everything written so far was sent.
     fn flush(ruby: &Ruby, rb_self: &Self, timeout: f64) -> Result<bool, Error> {
-        if !(timeout.is_finite() && timeout >= 0.0) {
-            return Err(errors::argument(
-                ruby,
-                "timeout must be a non-negative number of seconds",
-            ));
-        }
-        let Ok((handle, _)) = runtime::handle() else {
-            return Ok(false);
-        };
-        let flushed = rb_self.inner.flush();
-        let (tx, rx) = oneshot::channel();
-        let work = CancellationToken::new();
-        let cancelled = work.clone();
-        let limit = Duration::from_secs_f64(timeout);
-        handle.spawn(async move {
-            tokio::select! {
-                r = tokio::time::timeout(limit, flushed) => { let _ = tx.send(r.unwrap_or(false)); }
-                _ = cancelled.cancelled() => {}
-            }
-        });
-        Ok(gvl::wait(ruby, rx, &work)?.unwrap_or(false))
+        flush(ruby, &rb_self.inner, timeout)
     }
 
     fn stop_flusher(&self) {
@@ -99,6 +81,34 @@ impl Writer {
         h.aset(ruby.to_symbol("last_error"), rb_self.inner.last_error())?;
         Ok(h)
     }
+}
+
+/// Flushes a batch worker (trace writer, exposures): true when everything
+/// written so far was accepted within `timeout` seconds. Waits without the
+/// GVL.
+pub fn flush<T, S>(
+    ruby: &Ruby,
+    worker: &Arc<BatchWorker<T, S>>,
+    timeout: f64,
+) -> Result<bool, Error>
+where
+    T: Send + 'static,
+    S: BatchSink<T>,
+{
+    if !(timeout.is_finite() && timeout >= 0.0) {
+        return Err(errors::argument(
+            ruby,
+            "timeout must be a non-negative number of seconds",
+        ));
+    }
+    let flushed = worker.flush();
+    let limit = Duration::from_secs_f64(timeout);
+    Ok(matches!(
+        gvl::run(ruby, move |_| async move {
+            tokio::time::timeout(limit, flushed).await.unwrap_or(false)
+        })?,
+        Ran::Done(true)
+    ))
 }
 
 pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {

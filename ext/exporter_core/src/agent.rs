@@ -111,7 +111,7 @@ impl SendReport {
         self.error.is_none() && self.failed_traces == 0 && self.oversized_traces == 0
     }
 
-    fn note_error(&mut self, e: impl Into<String>) {
+    pub fn note_error(&mut self, e: impl Into<String>) {
         if self.error.is_none() {
             self.error = Some(e.into());
         }
@@ -261,44 +261,78 @@ impl TraceExporter {
             .map(|(k, v)| (*k, v.clone()))
             .collect();
         headers.push(("X-Datadog-Trace-Count", trace_count.to_string()));
+        let request = Post {
+            client: &self.client,
+            generation,
+            path: self.config.protocol.path(),
+            headers: &headers,
+            timeout: self.config.timeout,
+            retry: &self.config.retry,
+        };
+        match request.send(body, deadline, report).await {
+            Some(resp) => {
+                report.rate_by_service = parse_rates(&resp.body);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// One POST to the agent, with its retry settings.
+pub struct Post<'a> {
+    pub client: &'a Client,
+    pub generation: u64,
+    pub path: &'a str,
+    pub headers: &'a [(&'a str, String)],
+    /// Per attempt.
+    pub timeout: Duration,
+    pub retry: &'a RetryPolicy,
+}
+
+impl Post<'_> {
+    /// Sends `body`, retrying what can succeed later, until `deadline`.
+    /// Returns the 2xx response, or `None` with the problem noted in
+    /// `report` (which also counts requests and keeps the last status).
+    pub async fn send(
+        &self,
+        body: Bytes,
+        deadline: Instant,
+        report: &mut SendReport,
+    ) -> Option<HttpResponse> {
         let mut retry = 0;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 report.note_error("deadline exceeded");
-                return false;
+                return None;
             }
-            let timeout = self.config.timeout.min(remaining);
+            let timeout = self.timeout.min(remaining);
             report.requests += 1;
             let result = self
                 .client
                 .post(
-                    generation,
-                    self.config.protocol.path(),
-                    &headers,
+                    self.generation,
+                    self.path,
+                    self.headers,
                     body.clone(),
                     timeout,
                 )
                 .await;
             let (attempt, retry_after) = match &result {
-                Ok(HttpResponse {
-                    status,
-                    retry_after,
-                    body,
-                }) => {
-                    report.status = Some(*status);
-                    if (200..300).contains(status) {
-                        report.rate_by_service = parse_rates(body);
-                        return true;
+                Ok(resp) => {
+                    report.status = Some(resp.status);
+                    if (200..300).contains(&resp.status) {
+                        return result.ok();
                     }
-                    (Attempt::Status(*status), *retry_after)
+                    (Attempt::Status(resp.status), resp.retry_after)
                 }
                 Err(RequestError::Connect(_)) => (Attempt::ConnectError, None),
                 Err(RequestError::Runtime(_)) => (Attempt::Status(0), None),
                 Err(_) => (Attempt::Timeout, None),
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let wait = self.config.retry.delay(
+            let wait = self.retry.delay(
                 retry,
                 attempt,
                 retry_after,
@@ -320,7 +354,7 @@ impl TraceExporter {
                         ),
                         Err(e) => format!("agent at {url}: {e}"),
                     });
-                    return false;
+                    return None;
                 }
             }
         }

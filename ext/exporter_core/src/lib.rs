@@ -4,13 +4,15 @@
 //! the span model ([`span`]), msgpack encoders ([`encode`]), payload
 //! splitting ([`split`]), the retry policy ([`retry`]), the HTTP client
 //! ([`http`]), trace sending ([`agent`]), and the process-wide runtime with
-//! its fork lifecycle ([`runtime`], [`worker`]), and the asynchronous trace
-//! writer ([`writer`]). The magnus extension only
+//! its fork lifecycle ([`runtime`], [`worker`]), and asynchronous batching
+//! ([`batch`]) used by the trace writer and feature-flag exposures. The magnus extension only
 //! converts Ruby values into these types and delegates.
 
 pub mod agent;
+pub mod batch;
 pub mod block_on;
 pub mod encode;
+pub mod exposures;
 pub mod http;
 pub mod log;
 pub mod retry;
@@ -18,4 +20,3 @@ pub mod runtime;
 pub mod span;
 pub mod split;
 pub mod worker;
-pub mod writer;

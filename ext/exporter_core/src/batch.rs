@@ -1,20 +1,21 @@
-//! The asynchronous trace writer: a bounded native buffer drained by a
-//! background worker on the shared runtime.
+//! Asynchronous batching: a bounded native buffer drained by a background
+//! worker on the shared runtime. The trace writer and feature-flag
+//! exposures are both a [`BatchWorker`] with their own [`BatchSink`].
 //!
-//! `write` (on the caller's thread, which already converted the trace under
+//! `write` (on the caller's thread, which already converted the item under
 //! the GVL) only pushes into the buffer. The flusher wakes every
-//! `flush_interval`, or early when the buffer is half full or a flush is
+//! `flush_interval`, or early when `wake_at` items wait or a flush is
 //! requested, and sends everything queued in batches. It never touches Ruby.
 //!
-//! Drop policy: when the buffer holds `capacity` traces, a new trace is
+//! Drop policy: when the buffer holds `capacity` items, a new item is
 //! dropped (not an old one: the oldest are closest to being sent) and
-//! counted. Every trace written ends in exactly one of `sent`, `failed`
+//! counted. Every item written ends in exactly one of `sent`, `failed`
 //! (the agent did not accept it after retries), `dropped` (buffer full, or
 //! alone over the payload cap) or is still `queued`.
 //!
 //! Fork: `pause` lets an in-flight batch finish for a short grace, then
 //! cancels it and puts it back at the front of the queue, so nothing is
-//! lost. In a child the queue is emptied: those traces belong to the parent,
+//! lost. In a child the queue is emptied: those items belong to the parent,
 //! which sends them.
 
 use std::collections::VecDeque;
@@ -31,14 +32,41 @@ use crate::log::ProblemLog;
 use crate::span::Trace;
 use crate::worker::Worker;
 
-/// Traces sent per request batch at most.
-const MAX_BATCH: usize = 1_000;
+/// Where a batch worker sends its items.
+pub trait BatchSink<T>: Send + Sync + 'static {
+    /// Sends `batch` (items are borrowed, so a cancelled send loses none).
+    /// Counts in the report are in items.
+    fn send(
+        &self,
+        batch: &[T],
+        generation: u64,
+    ) -> impl std::future::Future<Output = SendReport> + Send;
+
+    /// Forgets state inherited by a forked child.
+    fn reset_in_child(&self) {}
+}
+
+impl BatchSink<Trace> for Arc<TraceExporter> {
+    fn send(
+        &self,
+        batch: &[Trace],
+        generation: u64,
+    ) -> impl std::future::Future<Output = SendReport> + Send {
+        TraceExporter::send(self, batch, generation)
+    }
+}
+
+/// The asynchronous trace writer.
+pub type TraceWriter = BatchWorker<Trace, Arc<TraceExporter>>;
+
+/// Items sent per request batch at most.
+pub const MAX_BATCH: usize = 1_000;
 /// How long `pause` lets an in-flight batch finish before cancelling it.
 const PAUSE_GRACE: Duration = Duration::from_millis(250);
 /// How long `pause` waits for a cancelled flusher to stop.
 const PAUSE_LIMIT: Duration = Duration::from_secs(1);
 
-/// Counters of a writer. See the module doc for their invariant.
+/// Counters of a batch worker. See the module doc for their invariant.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriterStats {
     pub written: u64,
@@ -64,12 +92,13 @@ struct Control {
     running: bool,
 }
 
-/// A trace writer and its flusher.
-pub struct TraceWriter {
-    exporter: Arc<TraceExporter>,
+/// A bounded buffer and its flusher.
+pub struct BatchWorker<T, S> {
+    sink: S,
     capacity: usize,
+    wake_at: usize,
     flush_interval: Duration,
-    queue: Mutex<VecDeque<(u64, Trace)>>,
+    queue: Mutex<VecDeque<(u64, T)>>,
     /// Sequence number of the last write (accepted or dropped).
     seq: AtomicU64,
     /// Highest sequence number accepted into the queue.
@@ -89,11 +118,21 @@ pub struct TraceWriter {
     log: ProblemLog,
 }
 
-impl TraceWriter {
-    pub fn new(exporter: Arc<TraceExporter>, capacity: usize, flush_interval: Duration) -> Self {
-        TraceWriter {
-            exporter,
+impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
+    /// A worker holding up to `capacity` items, flushing every
+    /// `flush_interval` or as soon as `wake_at` items wait. `what` names it
+    /// in log lines.
+    pub fn new(
+        sink: S,
+        capacity: usize,
+        wake_at: usize,
+        flush_interval: Duration,
+        what: &'static str,
+    ) -> Self {
+        BatchWorker {
+            sink,
             capacity: capacity.max(1),
+            wake_at: wake_at.clamp(1, capacity.max(1)),
             flush_interval,
             queue: Mutex::new(VecDeque::new()),
             seq: AtomicU64::new(0),
@@ -107,11 +146,15 @@ impl TraceWriter {
             stopped: AtomicBool::new(false),
             control: Mutex::new(Control::default()),
             idle: Condvar::new(),
-            log: ProblemLog::new("trace writer"),
+            log: ProblemLog::new(what),
         }
     }
 
-    fn queue(&self) -> MutexGuard<'_, VecDeque<(u64, Trace)>> {
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<(u64, T)>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -119,9 +162,9 @@ impl TraceWriter {
         self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a converted trace. False when it was dropped (buffer full or
-    /// writer stopped).
-    pub fn write(&self, trace: Trace) -> bool {
+    /// Queues an item. False when it was dropped (buffer full or worker
+    /// stopped).
+    pub fn write(&self, item: T) -> bool {
         self.counters.written.fetch_add(1, Ordering::Relaxed);
         let mut q = self.queue();
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
@@ -131,14 +174,20 @@ impl TraceWriter {
             self.lost_max.fetch_max(seq, Ordering::AcqRel);
             return false;
         }
-        q.push_back((seq, trace));
+        q.push_back((seq, item));
         self.accepted_max.store(seq, Ordering::Release);
-        let wake = q.len() >= (self.capacity / 2).clamp(1, MAX_BATCH);
+        let wake = q.len() >= self.wake_at;
         drop(q);
         if wake {
             self.wake.notify_one();
         }
         true
+    }
+
+    /// Counts of the items recorded as dropped outside `write` (e.g.
+    /// invalid parts of an item), added to `dropped`.
+    pub fn count_dropped(&self, n: u64) {
+        self.counters.dropped.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> WriterStats {
@@ -159,7 +208,7 @@ impl TraceWriter {
     }
 
     /// Asks the flusher to send now; returns a future that resolves to true
-    /// once every trace written so far was accepted by the agent (false if
+    /// once every item written so far was accepted by the agent (false if
     /// any of them, since the previous flush, failed or was dropped). Await
     /// it under a timeout, on the runtime.
     pub fn flush(self: &Arc<Self>) -> impl std::future::Future<Output = bool> + Send + 'static {
@@ -184,7 +233,7 @@ impl TraceWriter {
         }
     }
 
-    fn take_batch(&self) -> (Vec<Trace>, u64) {
+    fn take_batch(&self) -> (Vec<T>, u64) {
         let mut q = self.queue();
         let n = q.len().min(MAX_BATCH);
         let mut last = 0;
@@ -198,7 +247,7 @@ impl TraceWriter {
         (batch, last)
     }
 
-    fn requeue_front(&self, batch: Vec<Trace>, last_seq: u64) {
+    fn requeue_front(&self, batch: Vec<T>, last_seq: u64) {
         let mut q = self.queue();
         let first = last_seq + 1 - batch.len() as u64;
         for (i, t) in batch.into_iter().enumerate().rev() {
@@ -236,7 +285,7 @@ impl TraceWriter {
                     break;
                 }
                 let report = tokio::select! {
-                    r = self.exporter.send(&batch, generation) => r,
+                    r = self.sink.send(&batch, generation) => r,
                     _ = stop.cancelled() => {
                         self.requeue_front(batch, last_seq);
                         break 'outer;
@@ -262,7 +311,7 @@ impl TraceWriter {
     }
 }
 
-impl Worker for TraceWriter {
+impl<T: Send + 'static, S: BatchSink<T>> Worker for BatchWorker<T, S> {
     fn start(self: Arc<Self>, handle: &Handle) {
         if self.stopped.load(Ordering::Acquire) {
             return;
@@ -318,5 +367,6 @@ impl Worker for TraceWriter {
         }
         self.done.send_replace(0);
         self.log.reset();
+        self.sink.reset_in_child();
     }
 }

@@ -1,0 +1,73 @@
+# frozen_string_literal: true
+
+module Exporter
+  # Feature-flag exposure events, deduplicated and sent in the background
+  # through the agent's EVP proxy (POST /evp_proxy/v2/api/v2/exposures).
+  #
+  #   exposures = Exporter::Exposures.new(service: "shop")
+  #   exposures.record(flag: "new-checkout", allocation: "rollout-10", variant: "on",
+  #                    subject_id: "user-42", subject_attributes: { "plan" => "pro" })
+  #   exposures.close
+  #
+  # `record` holds the GVL only to read its arguments; deduplication,
+  # batching, JSON encoding and HTTP run natively on the shared runtime.
+  # Deduplication is an LRU (`dedup_cache_size` entries) keyed by flag and
+  # subject id: the same allocation and variant again is suppressed, a
+  # changed assignment is sent. A full buffer drops the new event (counted).
+  # Fork: the worker pauses before fork and resumes in the parent; a child
+  # starts with an empty buffer and an empty dedup cache. At exit, queued
+  # events are flushed (see `ExitFlush`).
+  class Exposures
+    DEFAULT_FLUSH_INTERVAL = 1.0
+    DEFAULT_BUFFER_SIZE = 65_536
+    DEFAULT_DEDUP_CACHE_SIZE = 65_536
+    DEFAULT_TIMEOUT = 5.0
+    MAX_PAYLOAD_SIZE = 5 * 1024 * 1024
+    EMPTY_ATTRIBUTES = {}.freeze
+
+    def self.new(url: nil, service: nil, env: nil, version: nil, flush_interval: DEFAULT_FLUSH_INTERVAL,
+                 buffer_size: DEFAULT_BUFFER_SIZE, dedup_cache_size: DEFAULT_DEDUP_CACHE_SIZE, timeout: nil,
+                 max_payload_size: MAX_PAYLOAD_SIZE)
+      opts = {
+        url: Args.string(:url, url || Config.agent_url),
+        timeout: Args.seconds(:timeout, timeout || Config.timeout),
+        service: Args.string(:service, service || Config.service),
+        env: Args.string(:env, env || Config.env_name),
+        version: Args.string(:version, version || Config.version),
+        flush_interval: Args.seconds(:flush_interval, flush_interval),
+        buffer_size: Args.integer(:buffer_size, buffer_size),
+        dedup_cache_size: Args.integer(:dedup_cache_size, dedup_cache_size),
+        max_payload_size: Args.integer(:max_payload_size, max_payload_size)
+      }
+      ExitFlush.register(_native_new(opts))
+    end
+
+    # Records that `subject_id` was shown `variant` of `flag`. True when the
+    # event was queued; false when it was deduplicated or dropped. Raises
+    # ArgumentError naming the field for a non-String flag, allocation or
+    # variant. Attribute values other than String, Integer, Float, true and
+    # false are left out and counted in `stats[:attributes_dropped]`.
+    def record(flag:, allocation:, variant:, subject_id:, subject_attributes: EMPTY_ATTRIBUTES, timestamp_ms: nil)
+      _record(flag, allocation, variant, subject_id, subject_attributes, timestamp_ms)
+    end
+
+    # True when every event queued so far was accepted within `timeout`
+    # seconds. Releases the GVL while waiting.
+    def flush(timeout: DEFAULT_TIMEOUT)
+      _flush(Float(timeout))
+    end
+
+    # Flushes (bounded by `timeout`), then stops the worker. Later records
+    # are dropped. Idempotent; returns the flush result.
+    def close(timeout: DEFAULT_TIMEOUT)
+      return true if @stopped
+
+      flushed = flush(timeout: timeout)
+      @stopped = true
+      _stop
+      flushed
+    end
+
+    def stopped? = @stopped == true
+  end
+end
