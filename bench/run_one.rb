@@ -83,6 +83,24 @@ def spinner
   [th, count]
 end
 
+# Measures the spinner's solo speed, then runs the block beside it. The
+# block returns what it measured and calls `mark` when the contended part
+# ends (before waiting for a final flush, during which the spinner runs
+# alone); adds the spinner's share of its solo speed over that part.
+def with_spinner(impl)
+  warm_up(impl)
+  solo = spin_rate(1.0)
+  th, count = spinner
+  sleep 0.1
+  c0 = count[0]
+  w0 = now
+  ended = nil
+  result = yield(w0, -> { ended = [now, count[0]] })
+  th.kill
+  t1, c1 = ended || [now, count[0]]
+  result.merge(spinner_share: ((c1 - c0) / (t1 - w0)) / solo)
+end
+
 def spin_rate(seconds)
   th, count = spinner
   t0 = now
@@ -95,6 +113,29 @@ def spin_rate(seconds)
 end
 
 def writer?(impl) = defined?(Exporter::Writer) && impl.is_a?(Exporter::Writer)
+
+# Writes at PACE_SPANS_PER_S: whenever the thread runs, it writes every
+# trace due by now (with a spinning thread it gets the GVL in bursts).
+def paced(impl, w0, mark)
+  traces_per_s = PACE_SPANS_PER_S / Workload::SPANS_PER_TRACE
+  written = 0
+  while (elapsed = now - w0) < SECONDS * 2
+    due = (elapsed * traces_per_s).to_i
+    while written < due
+      impl.write(TRACES[written % TRACES.size])
+      written += 1
+    end
+    sleep 0.001
+  end
+  paced_wall = now - w0
+  mark.()
+  flushed = impl.flush(timeout: 30)
+  s = impl.stats
+  sent = s[:sent] - WARM_UP_TRACES
+  { spans_per_s: sent * Workload::SPANS_PER_TRACE / paced_wall,
+    written: written, sent: sent, dropped: s[:dropped], failed: s[:failed],
+    unflushed: s[:queued], flushed: flushed }
+end
 
 def warm_up(impl)
   if writer?(impl)
@@ -126,46 +167,16 @@ result =
       ruby_threads_cpu_s: ruby_threads_cpu, peak_rss_mb: status_kb("VmHWM") / 1024.0 }
   when "contention"
     impl = load_impl
-    warm_up(impl)
-    solo = spin_rate(1.0)
-    th, count = spinner
-    sleep 0.1
-    c0 = count[0]
-    w0 = now
-    handed = export_flat_out(impl, w0 + SECONDS)
-    traces, lost = delivered(impl, handed)
-    wall = now - w0
-    share = ((count[0] - c0) / wall) / solo
-    th.kill
-    { spans_per_s: traces * Workload::SPANS_PER_TRACE / wall, spinner_share: share, lost_traces: lost,
-      peak_rss_mb: status_kb("VmHWM") / 1024.0 }
+    with_spinner(impl) do |w0, mark|
+      handed = export_flat_out(impl, w0 + SECONDS)
+      mark.()
+      traces, lost = delivered(impl, handed)
+      { spans_per_s: traces * Workload::SPANS_PER_TRACE / (now - w0), lost_traces: lost,
+        peak_rss_mb: status_kb("VmHWM") / 1024.0 }
+    end
   when "paced"
     impl = load_impl
-    warm_up(impl)
-    solo = spin_rate(1.0)
-    th, count = spinner
-    sleep 0.1
-    c0 = count[0]
-    w0 = now
-    traces_per_s = PACE_SPANS_PER_S / Workload::SPANS_PER_TRACE
-    written = 0
-    while (elapsed = now - w0) < SECONDS * 2
-      due = (elapsed * traces_per_s).to_i
-      while written < due
-        impl.write(TRACES[written % TRACES.size])
-        written += 1
-      end
-      sleep 0.001
-    end
-    paced_wall = now - w0
-    spin_share = ((count[0] - c0) / paced_wall) / solo
-    flushed = impl.flush(timeout: 30)
-    s = impl.stats
-    th.kill
-    sent = s[:sent] - WARM_UP_TRACES
-    { spans_per_s: sent * Workload::SPANS_PER_TRACE / paced_wall, spinner_share: spin_share,
-      written: written, sent: sent, dropped: s[:dropped], failed: s[:failed],
-      unflushed: s[:queued], flushed: flushed }
+    with_spinner(impl) { |w0, mark| paced(impl, w0, mark) }
   when "kill"
     impl = load_impl
     samples = Array.new(20) do

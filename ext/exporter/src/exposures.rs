@@ -24,11 +24,6 @@ pub struct Exposures {
     inner: Arc<ExposureWorker>,
 }
 
-fn opt<T: magnus::TryConvert>(ruby: &Ruby, opts: RHash, key: &str) -> Result<T, Error> {
-    opts.lookup::<_, Option<T>>(ruby.to_symbol(key))?
-        .ok_or_else(|| errors::argument(ruby, format!("missing option {key}")))
-}
-
 /// A required String argument; the error names the field.
 fn text(ruby: &Ruby, v: Value, field: &str) -> Result<String, Error> {
     if RString::from_value(v).is_none() {
@@ -64,12 +59,12 @@ fn attribute(ruby: &Ruby, v: Value) -> Option<AttributeValue> {
 
 impl Exposures {
     fn native_new(ruby: &Ruby, opts: RHash) -> Result<Exposures, Error> {
-        let url: String = opt(ruby, opts, "url")?;
-        let timeout: f64 = opt(ruby, opts, "timeout")?;
-        let flush_interval: f64 = opt(ruby, opts, "flush_interval")?;
-        let buffer_size: i64 = opt(ruby, opts, "buffer_size")?;
-        let dedup_cache_size: i64 = opt(ruby, opts, "dedup_cache_size")?;
-        let max_payload: i64 = opt(ruby, opts, "max_payload_size")?;
+        let url: String = errors::option(ruby, opts, "url")?;
+        let timeout: f64 = errors::option(ruby, opts, "timeout")?;
+        let flush_interval: f64 = errors::option(ruby, opts, "flush_interval")?;
+        let buffer_size: i64 = errors::option(ruby, opts, "buffer_size")?;
+        let dedup_cache_size: i64 = errors::option(ruby, opts, "dedup_cache_size")?;
+        let max_payload: i64 = errors::option(ruby, opts, "max_payload_size")?;
         for (name, v) in [("timeout", timeout), ("flush_interval", flush_interval)] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(errors::argument(
@@ -88,9 +83,9 @@ impl Exposures {
             }
         }
         let context = Context {
-            service: opt(ruby, opts, "service")?,
-            env: opt(ruby, opts, "env")?,
-            version: opt(ruby, opts, "version")?,
+            service: errors::option(ruby, opts, "service")?,
+            env: errors::option(ruby, opts, "env")?,
+            version: errors::option(ruby, opts, "version")?,
         };
         let sink = EvpSink::new(
             &url,

@@ -22,13 +22,8 @@ pub struct Transport {
     exporter: Arc<TraceExporter>,
 }
 
-fn opt<T: magnus::TryConvert>(ruby: &Ruby, opts: RHash, key: &str) -> Result<T, Error> {
-    opts.lookup::<_, Option<T>>(ruby.to_symbol(key))?
-        .ok_or_else(|| errors::argument(ruby, format!("missing option {key}")))
-}
-
 fn seconds(ruby: &Ruby, opts: RHash, key: &str) -> Result<Duration, Error> {
-    let secs: f64 = opt(ruby, opts, key)?;
+    let secs: f64 = errors::option(ruby, opts, key)?;
     if !(secs.is_finite() && secs > 0.0) {
         return Err(errors::argument(
             ruby,
@@ -42,7 +37,7 @@ impl Transport {
     /// `Transport._native_new(opts)`: `opts` has every key, already
     /// defaulted by the Ruby side.
     fn native_new(ruby: &Ruby, opts: RHash) -> Result<Transport, Error> {
-        let protocol: Symbol = opt(ruby, opts, "protocol")?;
+        let protocol: Symbol = errors::option(ruby, opts, "protocol")?;
         let protocol_name = protocol.name()?;
         let protocol = Protocol::parse(&protocol_name).ok_or_else(|| {
             errors::argument(
@@ -50,8 +45,8 @@ impl Transport {
                 format!("protocol must be :v04 or :v05 (got :{protocol_name})"),
             )
         })?;
-        let max_payload: i64 = opt(ruby, opts, "max_payload_size")?;
-        let max_retries: i64 = opt(ruby, opts, "max_retries")?;
+        let max_payload: i64 = errors::option(ruby, opts, "max_payload_size")?;
+        let max_retries: i64 = errors::option(ruby, opts, "max_retries")?;
         if max_payload <= 0 {
             return Err(errors::argument(ruby, "max_payload_size must be positive"));
         }
@@ -62,7 +57,7 @@ impl Transport {
             ));
         }
         let config = Config {
-            url: opt(ruby, opts, "url")?,
+            url: errors::option(ruby, opts, "url")?,
             protocol,
             timeout: seconds(ruby, opts, "timeout")?,
             deadline: seconds(ruby, opts, "deadline")?,
@@ -72,13 +67,13 @@ impl Transport {
             },
             max_payload: max_payload as usize,
             defaults: SpanDefaults {
-                service: opt(ruby, opts, "service")?,
-                env: opt(ruby, opts, "env")?,
-                version: opt(ruby, opts, "version")?,
+                service: errors::option(ruby, opts, "service")?,
+                env: errors::option(ruby, opts, "env")?,
+                version: errors::option(ruby, opts, "version")?,
             },
-            lang_version: opt(ruby, opts, "lang_version")?,
-            lang_interpreter: opt(ruby, opts, "lang_interpreter")?,
-            tracer_version: opt(ruby, opts, "tracer_version")?,
+            lang_version: errors::option(ruby, opts, "lang_version")?,
+            lang_interpreter: errors::option(ruby, opts, "lang_interpreter")?,
+            tracer_version: errors::option(ruby, opts, "tracer_version")?,
             container_id: None,
         };
         let exporter = TraceExporter::new(config).map_err(|e| errors::argument(ruby, e))?;
