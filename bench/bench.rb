@@ -68,6 +68,7 @@ begin
     puts "bench: round #{round + 1}/#{ROUNDS}"
     record.("sink ceiling", run_bin("ceiling", url, 1.0))
     record.("limit", run_bin("limit", url, 1.5))
+    record.("encode", run_bin("encode", url, 0))
     %w[baseline sync writer].each do |impl|
       record.("#{impl} alone", run_one("alone", impl, url))
       record.("#{impl} contention", run_one("contention", impl, url))
@@ -115,6 +116,7 @@ lines << format("| writer paced at 50k spans/s, with spinner | - | - | - | %s | 
 lines << ""
 lines << "| other | median [min..max] |"
 lines << "|---|---|"
+lines << "| v0.4 encoder alone (Rust), CPU µs/span | #{fmt_range.('encode', :encode_cpu_us_per_span, 3)} |"
 lines << "| Thread#kill of a stalled send, ms | #{fmt_range.('kill', :kill_ms, 3)} |"
 lines << "| system(\"true\") µs, without gem | #{fmt_range.('system', :none_us, 0)} |"
 lines << "| system(\"true\") µs, with gem (runtime running) | #{fmt_range.('system', :gem_us, 0)} |"

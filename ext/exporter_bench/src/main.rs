@@ -10,6 +10,7 @@
 //! - `limit --url U --seconds S`: what the native side can do when
 //!   conversion is free: pre-built Rust spans, encoded with rmp-serde (v0.4)
 //!   and POSTed by hyper, 10 traces per request. Prints JSON.
+//! - `encode`: the v0.4 encoder alone, CPU per span. Prints JSON.
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -187,6 +188,25 @@ fn main() {
                 ))
             }));
             println!("{out}");
+        }
+        "encode" => {
+            // Encoding alone (no HTTP): CPU per span of the v0.4 encoder.
+            let traces: Vec<Trace> = (0..1_000u64).map(workload_trace).collect();
+            let d = SpanDefaults::default();
+            let cpu0 = process_cpu();
+            let rounds = 20;
+            let mut bytes = 0;
+            for _ in 0..rounds {
+                for chunk in traces.chunks(TRACES_PER_REQUEST) {
+                    bytes += v04::encode(chunk, &d).len();
+                }
+            }
+            let spans = (rounds * traces.len() * SPANS_PER_TRACE) as f64;
+            let cpu = (process_cpu() - cpu0).as_secs_f64();
+            println!(
+                "{}",
+                serde_json::json!({"encode_cpu_us_per_span": cpu * 1e6 / spans, "bytes": bytes})
+            );
         }
         _ => {
             eprintln!("usage: exporter-bench sink [--port P] [--hang] | ceiling --url U [--seconds S] | limit --url U [--seconds S]");

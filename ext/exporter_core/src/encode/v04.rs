@@ -14,8 +14,96 @@ use crate::split::Payload;
 pub fn encode_trace(buf: &mut Vec<u8>, trace: &Trace, defaults: &SpanDefaults) {
     write_array_len(buf, trace.len());
     for view in trace.views(defaults) {
-        // Serialising into a Vec cannot fail.
-        let _ = SpanMap(view).serialize(&mut rmp_serde::Serializer::new(&mut *buf));
+        write_span(buf, &view);
+    }
+}
+
+/// Writes a short map key (a msgpack fixstr: every key here is under 32
+/// bytes).
+#[inline]
+fn key(buf: &mut Vec<u8>, k: &str) {
+    debug_assert!(k.len() < 32);
+    buf.push(0xa0 | k.len() as u8);
+    buf.extend_from_slice(k.as_bytes());
+}
+
+#[inline]
+fn str_value(buf: &mut Vec<u8>, v: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = rmp::encode::write_str(buf, v);
+}
+
+/// One span map. The fields every span has are written with `rmp`
+/// directly (this is the hot path of every export); the rare nested ones
+/// (meta_struct, span links, span events) go through their serde impls.
+fn write_span(buf: &mut Vec<u8>, view: &SpanView<'_>) {
+    let sp = view.span;
+    let extra = view.extra_meta();
+    let has_meta = !sp.meta.is_empty() || !extra.is_empty();
+    // trace_id span_id parent_id name service resource start duration
+    // error, then the optional fields that are present.
+    let len = 9
+        + usize::from(!sp.r#type.is_empty())
+        + usize::from(has_meta)
+        + usize::from(!sp.metrics.is_empty())
+        + usize::from(!sp.meta_struct.is_empty())
+        + usize::from(!sp.span_links.is_empty())
+        + usize::from(!sp.span_events.is_empty());
+    let _ = rmp::encode::write_map_len(buf, len as u32);
+    key(buf, "trace_id");
+    let _ = rmp::encode::write_uint(buf, view.trace_id_low());
+    key(buf, "span_id");
+    let _ = rmp::encode::write_uint(buf, sp.span_id);
+    key(buf, "parent_id");
+    let _ = rmp::encode::write_uint(buf, sp.parent_id);
+    key(buf, "name");
+    str_value(buf, view.name());
+    key(buf, "service");
+    str_value(buf, view.service());
+    key(buf, "resource");
+    str_value(buf, view.resource());
+    if !sp.r#type.is_empty() {
+        key(buf, "type");
+        str_value(buf, view.r#type());
+    }
+    key(buf, "start");
+    let _ = rmp::encode::write_sint(buf, sp.start);
+    key(buf, "duration");
+    let _ = rmp::encode::write_sint(buf, sp.duration);
+    key(buf, "error");
+    let _ = rmp::encode::write_sint(buf, sp.error.into());
+    if has_meta {
+        key(buf, "meta");
+        let _ = rmp::encode::write_map_len(buf, (sp.meta.len() + extra.len()) as u32);
+        for (k, v) in view.own_meta() {
+            str_value(buf, k);
+            str_value(buf, v);
+        }
+        for (k, v) in &extra {
+            str_value(buf, k);
+            str_value(buf, v);
+        }
+    }
+    if !sp.metrics.is_empty() {
+        key(buf, "metrics");
+        let _ = rmp::encode::write_map_len(buf, sp.metrics.len() as u32);
+        for (k, v) in view.metrics() {
+            str_value(buf, k);
+            let _ = rmp::encode::write_f64(buf, v);
+        }
+    }
+    let mut ser = rmp_serde::Serializer::new(&mut *buf);
+    if !sp.meta_struct.is_empty() {
+        key(ser.get_mut(), "meta_struct");
+        let _ = BinPairs(&sp.meta_struct).serialize(&mut ser);
+    }
+    if !sp.span_links.is_empty() {
+        key(ser.get_mut(), "span_links");
+        let _ = Links(&sp.span_links).serialize(&mut ser);
+    }
+    if !sp.span_events.is_empty() {
+        key(ser.get_mut(), "span_events");
+        let _ = Events(&sp.span_events).serialize(&mut ser);
     }
 }
 
@@ -83,8 +171,6 @@ pub fn encode(traces: &[Trace], defaults: &SpanDefaults) -> Vec<u8> {
     b.finish().body
 }
 
-struct SpanMap<'a>(SpanView<'a>);
-
 struct Pairs<'a, V>(&'a [(String, V)]);
 
 impl<V: Serialize> Serialize for Pairs<'_, V> {
@@ -92,38 +178,6 @@ impl<V: Serialize> Serialize for Pairs<'_, V> {
         let mut m = s.serialize_map(Some(self.0.len()))?;
         for (k, v) in self.0 {
             m.serialize_entry(k, v)?;
-        }
-        m.end()
-    }
-}
-
-/// A span's meta: its own entries, then the derived ones.
-struct Meta<'a>(
-    &'a SpanView<'a>,
-    &'a [(&'static str, std::borrow::Cow<'a, str>)],
-);
-
-impl Serialize for Meta<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let extra = self.1;
-        let mut m = s.serialize_map(Some(self.0.span.meta.len() + extra.len()))?;
-        for (k, v) in self.0.own_meta() {
-            m.serialize_entry(k, v)?;
-        }
-        for (k, v) in extra {
-            m.serialize_entry(k, v.as_ref())?;
-        }
-        m.end()
-    }
-}
-
-struct Metrics<'a>(&'a SpanView<'a>);
-
-impl Serialize for Metrics<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.span.metrics.len()))?;
-        for (k, v) in self.0.metrics() {
-            m.serialize_entry(k, &v)?;
         }
         m.end()
     }
@@ -144,53 +198,6 @@ impl Serialize for BinPairs<'_> {
         let mut m = s.serialize_map(Some(self.0.len()))?;
         for (k, v) in self.0 {
             m.serialize_entry(k, &Bin(v))?;
-        }
-        m.end()
-    }
-}
-
-impl Serialize for SpanMap<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let view = &self.0;
-        let sp = view.span;
-        let extra = view.extra_meta();
-        let has_meta = !sp.meta.is_empty() || !extra.is_empty();
-        // trace_id span_id parent_id name service resource start duration
-        // error, then the optional fields that are present.
-        let len = 9
-            + usize::from(!sp.r#type.is_empty())
-            + usize::from(has_meta)
-            + usize::from(!sp.metrics.is_empty())
-            + usize::from(!sp.meta_struct.is_empty())
-            + usize::from(!sp.span_links.is_empty())
-            + usize::from(!sp.span_events.is_empty());
-        let mut m = s.serialize_map(Some(len))?;
-        m.serialize_entry("trace_id", &view.trace_id_low())?;
-        m.serialize_entry("span_id", &sp.span_id)?;
-        m.serialize_entry("parent_id", &sp.parent_id)?;
-        m.serialize_entry("name", view.name())?;
-        m.serialize_entry("service", view.service())?;
-        m.serialize_entry("resource", view.resource())?;
-        if !sp.r#type.is_empty() {
-            m.serialize_entry("type", view.r#type())?;
-        }
-        m.serialize_entry("start", &sp.start)?;
-        m.serialize_entry("duration", &sp.duration)?;
-        m.serialize_entry("error", &sp.error)?;
-        if has_meta {
-            m.serialize_entry("meta", &Meta(view, &extra))?;
-        }
-        if !sp.metrics.is_empty() {
-            m.serialize_entry("metrics", &Metrics(view))?;
-        }
-        if !sp.meta_struct.is_empty() {
-            m.serialize_entry("meta_struct", &BinPairs(&sp.meta_struct))?;
-        }
-        if !sp.span_links.is_empty() {
-            m.serialize_entry("span_links", &Links(&sp.span_links))?;
-        }
-        if !sp.span_events.is_empty() {
-            m.serialize_entry("span_events", &Events(&sp.span_events))?;
         }
         m.end()
     }
