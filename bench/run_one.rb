@@ -192,9 +192,9 @@ result =
     # A/B in one process (less noise than two processes): first without
     # the gem, then with it loaded and its runtime running, as in an app.
     call = MODE == "fork_system" ? -> { system("true") } : -> { Process.wait(fork { exit!(0) }) }
+    n = MODE == "fork_system" ? 500 : 200
     timed = lambda do
       20.times { call.() }
-      n = 200
       t0 = now
       n.times { call.() }
       (now - t0) * 1e6 / n
