@@ -120,6 +120,7 @@ lines << "| v0.4 encoder alone (Rust), CPU µs/span | #{fmt_range.('encode', :en
 lines << "| Thread#kill of a stalled send, ms | #{fmt_range.('kill', :kill_ms, 3)} |"
 lines << "| system(\"true\") µs, without gem | #{fmt_range.('system', :none_us, 0)} |"
 lines << "| system(\"true\") µs, with gem (runtime running) | #{fmt_range.('system', :gem_us, 0)} |"
+lines << "| fork hooks run per system(\"true\") (Ruby #{RUBY_VERSION}) | #{fmt_range.('system', :hooks_run_per_call, 0)} |"
 lines << "| fork { exit! } + wait µs, without gem | #{fmt_range.('fork', :none_us, 0)} |"
 lines << "| fork { exit! } + wait µs, with gem (runtime running; hooks stop and restart it) | #{fmt_range.('fork', :gem_us, 0)} |"
 lines << "| idle RSS MB, msgpack + net/http loaded | #{fmt_range.('idle none', :rss_mb, 1)} |"

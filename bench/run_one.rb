@@ -202,7 +202,9 @@ result =
     without = timed.()
     t = load_impl("sync")
     t.send_traces(BATCHES[0])
-    { none_us: without, gem_us: timed.() }
+    hooks_run = 0
+    Exporter::AtFork.at_fork(:before) { hooks_run += 1 }
+    { none_us: without, gem_us: timed.(), hooks_run_per_call: hooks_run.fdiv(n + 20) }
   when "record"
     $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
     require "exporter"
