@@ -125,20 +125,6 @@ impl Trace {
         }
     }
 
-    /// Copies bytes known to be valid UTF-8 into the text buffer.
-    ///
-    /// # Safety
-    /// `bytes` must be valid UTF-8.
-    pub unsafe fn push_utf8_unchecked(&mut self, bytes: &[u8]) -> Str {
-        let start = self.text.len() as u32;
-        // SAFETY: the caller guarantees UTF-8, so `text` stays a String.
-        unsafe { self.text.as_mut_vec().extend_from_slice(bytes) };
-        Str {
-            start,
-            len: bytes.len() as u32,
-        }
-    }
-
     pub fn str(&self, s: Str) -> &str {
         &self.text[s.start as usize..(s.start + s.len) as usize]
     }
