@@ -33,7 +33,7 @@ RSpec.describe Exporter::Writer do
     w = described_class.new(transport: Exporter::Transport.new(url: slow.url), buffer_size: 3, flush_interval: 60)
     results = (1..10).map { |i| w.write(SpanFactory.trace(i)) }
     dropped = results.count(false)
-    expect(dropped).to be >= 5 # at most 3 queued + one batch in flight
+    expect(dropped).to be >= 4 # at most 3 queued + one batch (of at most 3) in flight
     expect(w.flush(timeout: 10)).to be(false) # some of what was written was dropped
     expect(w.stats).to include(written: 10, sent: 10 - dropped, dropped: dropped, failed: 0, queued: 0)
     received = slow.received.flat_map { |r| MessagePack.unpack(r.body) }.map { |t| t.first["trace_id"] }
