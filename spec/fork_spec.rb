@@ -146,13 +146,22 @@ RSpec.describe "fork safety" do # rubocop:disable RSpec/DescribeClass
     server&.close
   end
 
-  it "a transport dropped without close is collected and its hooks go" do
+  # Builds transports and drops them, in a frame of its own so no stack
+  # slot keeps them alive.
+  def drop_transports(n)
+    n.times { Exporter::Transport.new(url: agent.url).send_traces([SpanFactory.trace(1)]) }
+    nil
+  end
+
+  it "transports dropped without close are collected and their hooks go" do
     before = Exporter::AtFork.hooks(:before).size
-    Exporter::Transport.new(url: agent.url).send_traces([SpanFactory.trace(1)])
-    expect(Exporter::AtFork.hooks(:before).size).to eq(before + 1)
+    drop_transports(5)
+    expect(Exporter::AtFork.hooks(:before).size).to eq(before + 5)
+    # A conservative GC may keep one alive through a stale stack slot; the
+    # hooks capture no transport, so the rest must go.
     eventually(timeout: 10) do
       GC.start(full_mark: true, immediate_sweep: true)
-      Exporter::AtFork.hooks(:before).size == before
+      Exporter::AtFork.hooks(:before).size <= before + 1
     end
   end
 
