@@ -47,19 +47,37 @@ pub struct Context {
 }
 
 /// LRU of the last assignment sent per (flag, subject id).
+///
+/// Keys and values are stored as 128-bit hashes of their strings, so
+/// admitting an exposure allocates nothing per string (a collision would
+/// take ~2^64 distinct keys to become likely).
 #[derive(Debug)]
 pub struct Dedup {
     capacity: usize,
     tick: u64,
-    entries: HashMap<(String, String), ((String, String), u64)>,
-    order: BTreeMap<u64, (String, String)>,
+    entries: HashMap<u128, (u128, u64)>,
+    order: BTreeMap<u64, u128>,
 }
 
 /// What [`Dedup::admit`] replaced, to undo it if the event is not queued.
 #[derive(Debug)]
 pub struct Admitted {
-    key: (String, String),
-    previous: Option<(String, String)>,
+    key: u128,
+    previous: Option<u128>,
+}
+
+/// A 128-bit hash of two strings (two SipHash passes with distinct salts;
+/// the separator keeps ("ab", "c") and ("a", "bc") apart).
+fn hash_pair(a: &str, b: &str) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let half = |salt: u8| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut h);
+        a.hash(&mut h);
+        b.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(1)) << 64) | u128::from(half(2))
 }
 
 impl Dedup {
@@ -90,11 +108,11 @@ impl Dedup {
     pub fn admit(&mut self, e: &Exposure) -> Option<Admitted> {
         self.tick += 1;
         let tick = self.tick;
-        let key = (e.flag.clone(), e.subject_id.clone());
-        let value = (e.allocation.clone(), e.variant.clone());
+        let key = hash_pair(&e.flag, &e.subject_id);
+        let value = hash_pair(&e.allocation, &e.variant);
         if let Some((v, t)) = self.entries.get_mut(&key) {
             self.order.remove(t);
-            self.order.insert(tick, key.clone());
+            self.order.insert(tick, key);
             *t = tick;
             if *v == value {
                 return None;
@@ -110,8 +128,8 @@ impl Dedup {
                 self.entries.remove(&oldest);
             }
         }
-        self.entries.insert(key.clone(), (value, tick));
-        self.order.insert(tick, key.clone());
+        self.entries.insert(key, (value, tick));
+        self.order.insert(tick, key);
         Some(Admitted {
             key,
             previous: None,
@@ -436,6 +454,15 @@ mod tests {
         assert_eq!(d.len(), 2);
         assert!(d.admit(&exp("f", "1", "a", "v")).is_none());
         assert!(d.admit(&exp("f", "2", "a", "v")).is_some()); // was evicted: sent again
+    }
+
+    #[test]
+    fn keys_do_not_run_together() {
+        let mut d = Dedup::new(10);
+        assert!(d.admit(&exp("ab", "c", "a", "v")).is_some());
+        assert!(d.admit(&exp("a", "bc", "a", "v")).is_some());
+        assert!(d.admit(&exp("f", "u", "ab", "c")).is_some());
+        assert!(d.admit(&exp("f", "u", "a", "bc")).is_some());
     }
 
     #[test]
