@@ -72,6 +72,7 @@ begin
     %w[baseline sync writer].each do |impl|
       record.("#{impl} alone", run_one("alone", impl, url))
       record.("#{impl} contention", run_one("contention", impl, url))
+      record.("#{impl} fresh", run_one("fresh", impl, url))
     end
     record.("writer paced", run_one("paced", "writer", url))
     record.("kill", run_one("kill", "sync", hang_url))
@@ -116,6 +117,10 @@ lines << format("| writer paced at 50k spans/s, with spinner | - | - | - | %s | 
 lines << ""
 lines << "| other | median [min..max] |"
 lines << "|---|---|"
+%w[baseline sync writer].each do |impl|
+  lines << "| #{impl}: calling-thread CPU µs/span on traces built just before export (hot, as in an app) | " \
+           "#{fmt_range.("#{impl} fresh", :thread_cpu_us_per_span, 2)} |"
+end
 lines << "| v0.4 encoder alone (Rust), CPU µs/span | #{fmt_range.('encode', :encode_cpu_us_per_span, 3)} |"
 lines << "| Thread#kill of a stalled send, ms | #{fmt_range.('kill', :kill_ms, 3)} |"
 lines << "| system(\"true\") µs, without gem | #{fmt_range.('system', :none_us, 0)} |"

@@ -165,6 +165,32 @@ result =
     { spans_per_s: spans / wall, thread_cpu_us_per_span: (tc1 - tc0) * 1e6 / handed_spans,
       process_cpu_us_per_span: (pc1 - pc0) * 1e6 / spans, lost_traces: lost,
       ruby_threads_cpu_s: ruby_threads_cpu, peak_rss_mb: status_kb("VmHWM") / 1024.0 }
+  when "fresh"
+    # As in an app: each trace is built just before it is exported (its
+    # objects are hot in cache). Only the export call is timed.
+    impl = load_impl
+    warm_up(impl)
+    spent = 0.0
+    spans = 0
+    n = 0
+    until_t = now + SECONDS
+    while now < until_t
+      if writer?(impl)
+        batch = Workload.trace(n)
+        c0 = thread_cpu
+        impl.write(batch)
+      else
+        batch = Array.new(Workload::TRACES_PER_REQUEST) { |i| Workload.trace(n + i) }
+        c0 = thread_cpu
+        impl.send_traces(batch)
+      end
+      spent += thread_cpu - c0
+      count = writer?(impl) ? 1 : Workload::TRACES_PER_REQUEST
+      n += count
+      spans += count * Workload::SPANS_PER_TRACE
+    end
+    delivered(impl, n)
+    { thread_cpu_us_per_span: spent * 1e6 / spans }
   when "contention"
     impl = load_impl
     with_spinner(impl) do |w0, mark|
