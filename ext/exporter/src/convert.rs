@@ -6,7 +6,9 @@
 //! UTF-8, US-ASCII and binary strings are taken as bytes (invalid sequences
 //! scrubbed to U+FFFD), other encodings are transcoded first.
 
-use exporter_core::span::{AttributeValue, Entries, Span, SpanEvent, SpanLink, Str, Trace};
+use exporter_core::span::{
+    AttributeValue, Entries, Span, SpanEvent, SpanExtras, SpanLink, Str, Trace,
+};
 use magnus::encoding::Coderange;
 use magnus::encoding::EncodingCapable;
 use magnus::value::ReprValue;
@@ -600,6 +602,7 @@ fn error_flag(ruby: &Ruby, v: Value) -> Result<i32, Problem> {
 fn span(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<(), (String, Problem)> {
     let h = hash(v).map_err(|p| ("span".to_owned(), p))?;
     let mut s = Span::default();
+    let mut rare = SpanExtras::default();
     let (mut has_trace, mut has_span, mut has_name) = (false, false, false);
     fields(h, |name, v| {
         match name {
@@ -655,9 +658,11 @@ fn span(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<(), (String, Problem)> {
                 )?;
                 s.metrics = Entries { start, end };
             }
-            Field::MetaStruct => s.meta_struct = at(name, opt_pairs(ruby, v, meta_struct_value))?,
-            Field::SpanLinks => s.span_links = at(name, list(ruby, v, span_link))?,
-            Field::SpanEvents => s.span_events = at(name, list(ruby, v, span_event))?,
+            Field::MetaStruct => {
+                rare.meta_struct = at(name, opt_pairs(ruby, v, meta_struct_value))?
+            }
+            Field::SpanLinks => rare.span_links = at(name, list(ruby, v, span_link))?,
+            Field::SpanEvents => rare.span_events = at(name, list(ruby, v, span_event))?,
             _ => {}
         }
         Ok(())
@@ -671,6 +676,7 @@ fn span(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<(), (String, Problem)> {
             return Err((field.into(), "is missing".into()));
         }
     }
+    s.extras = t.push_extras(rare);
     t.spans.push(s);
     Ok(())
 }

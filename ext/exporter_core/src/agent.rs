@@ -301,10 +301,13 @@ impl Post<'_> {
         report: &mut SendReport,
     ) -> Option<HttpResponse> {
         let mut retry = 0;
+        // Out of time, the problem reported is the last attempt's (the same
+        // outage must always read the same, so it is logged once).
+        let mut last_problem: Option<String> = None;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                report.note_error("deadline exceeded");
+                report.note_error(last_problem.unwrap_or_else(|| "deadline exceeded".into()));
                 return None;
             }
             let timeout = self.timeout.min(remaining);
@@ -339,21 +342,23 @@ impl Post<'_> {
                 remaining,
                 crate::retry::jitter(),
             );
+            let url = self.client.endpoint();
+            let problem = match result {
+                Ok(r) => format!(
+                    "agent at {url} answered {}: {}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body[..r.body.len().min(200)]).trim()
+                ),
+                Err(e) => format!("agent at {url}: {e}"),
+            };
             match wait {
                 Some(d) => {
+                    last_problem = Some(problem);
                     tokio::time::sleep(d).await;
                     retry += 1;
                 }
                 None => {
-                    let url = self.client.endpoint();
-                    report.note_error(match result {
-                        Ok(r) => format!(
-                            "agent at {url} answered {}: {}",
-                            r.status,
-                            String::from_utf8_lossy(&r.body[..r.body.len().min(200)]).trim()
-                        ),
-                        Err(e) => format!("agent at {url}: {e}"),
-                    });
+                    report.note_error(problem);
                     return None;
                 }
             }

@@ -8,7 +8,8 @@
 //! into one text buffer ([`Trace::text`]) and referred to by [`Str`]
 //! ranges, and all meta and metrics entries of the trace share two vectors,
 //! each span owning a contiguous range of them. Rare fields (meta_struct,
-//! span links, span events) stay plainly owned.
+//! span links, span events) stay plainly owned, in [`SpanExtras`] kept
+//! beside the spans so that [`Span`] itself stays small.
 //!
 //! Defaults (service, env, version) and the `_dd.p.tid` tag of 128-bit
 //! trace ids are not written into the trace: [`SpanView`] derives them when
@@ -60,7 +61,30 @@ pub struct Trace {
     pub spans: Vec<Span>,
     pub meta: Vec<(Str, Str)>,
     pub metrics: Vec<(Str, f64)>,
+    /// The rare fields of the spans that have any (see [`Span::extras`]).
+    pub extras: Vec<SpanExtras>,
 }
+
+/// The rarely used fields of a span.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpanExtras {
+    /// Values already encoded as msgpack.
+    pub meta_struct: Vec<(String, Vec<u8>)>,
+    pub span_links: Vec<SpanLink>,
+    pub span_events: Vec<SpanEvent>,
+}
+
+impl SpanExtras {
+    pub fn is_empty(&self) -> bool {
+        self.meta_struct.is_empty() && self.span_links.is_empty() && self.span_events.is_empty()
+    }
+}
+
+static NO_EXTRAS: SpanExtras = SpanExtras {
+    meta_struct: Vec::new(),
+    span_links: Vec::new(),
+    span_events: Vec::new(),
+};
 
 /// A span. Strings and entries live in the owning [`Trace`].
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -80,10 +104,8 @@ pub struct Span {
     pub error: i32,
     pub meta: Entries,
     pub metrics: Entries,
-    /// Values already encoded as msgpack.
-    pub meta_struct: Vec<(String, Vec<u8>)>,
-    pub span_links: Vec<SpanLink>,
-    pub span_events: Vec<SpanEvent>,
+    /// 1 + the index of this span's entry in [`Trace::extras`]; 0: none.
+    pub extras: u32,
 }
 
 /// A link from a span to another span, possibly of another trace.
@@ -123,6 +145,16 @@ impl Trace {
             start,
             len: s.len() as u32,
         }
+    }
+
+    /// Keeps `extras` for the span about to be pushed; returns the value
+    /// of its `extras` field.
+    pub fn push_extras(&mut self, extras: SpanExtras) -> u32 {
+        if extras.is_empty() {
+            return 0;
+        }
+        self.extras.push(extras);
+        self.extras.len() as u32
     }
 
     pub fn str(&self, s: Str) -> &str {
@@ -252,6 +284,14 @@ impl<'a> SpanView<'a> {
         out
     }
 
+    /// The span's rare fields (empty for most spans).
+    pub fn extras(&self) -> &'a SpanExtras {
+        match self.span.extras {
+            0 => &NO_EXTRAS,
+            i => &self.trace.extras[i as usize - 1],
+        }
+    }
+
     pub fn metrics(&self) -> impl Iterator<Item = (&'a str, f64)> + 'a {
         let t = self.trace;
         t.metrics[self.span.metrics.range()]
@@ -306,6 +346,11 @@ impl From<Vec<SpanData>> for Trace {
                 t.metrics.push((k, *v));
             }
             let metrics = t.metrics_since(mark);
+            let extras = t.push_extras(SpanExtras {
+                meta_struct: d.meta_struct,
+                span_links: d.span_links,
+                span_events: d.span_events,
+            });
             t.spans.push(Span {
                 trace_id: d.trace_id,
                 span_id: d.span_id,
@@ -319,9 +364,7 @@ impl From<Vec<SpanData>> for Trace {
                 error: d.error,
                 meta,
                 metrics,
-                meta_struct: d.meta_struct,
-                span_links: d.span_links,
-                span_events: d.span_events,
+                extras,
             });
         }
         t

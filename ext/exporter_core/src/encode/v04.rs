@@ -38,6 +38,7 @@ fn str_value(buf: &mut Vec<u8>, v: &str) {
 /// (meta_struct, span links, span events) go through their serde impls.
 fn write_span(buf: &mut Vec<u8>, view: &SpanView<'_>) {
     let sp = view.span;
+    let rare = view.extras();
     let extra = view.extra_meta();
     let has_meta = !sp.meta.is_empty() || !extra.is_empty();
     // trace_id span_id parent_id name service resource start duration
@@ -46,9 +47,9 @@ fn write_span(buf: &mut Vec<u8>, view: &SpanView<'_>) {
         + usize::from(!sp.r#type.is_empty())
         + usize::from(has_meta)
         + usize::from(!sp.metrics.is_empty())
-        + usize::from(!sp.meta_struct.is_empty())
-        + usize::from(!sp.span_links.is_empty())
-        + usize::from(!sp.span_events.is_empty());
+        + usize::from(!rare.meta_struct.is_empty())
+        + usize::from(!rare.span_links.is_empty())
+        + usize::from(!rare.span_events.is_empty());
     let _ = rmp::encode::write_map_len(buf, len as u32);
     key(buf, "trace_id");
     let _ = rmp::encode::write_uint(buf, view.trace_id_low());
@@ -93,17 +94,17 @@ fn write_span(buf: &mut Vec<u8>, view: &SpanView<'_>) {
         }
     }
     let mut ser = rmp_serde::Serializer::new(&mut *buf);
-    if !sp.meta_struct.is_empty() {
+    if !rare.meta_struct.is_empty() {
         key(ser.get_mut(), "meta_struct");
-        let _ = BinPairs(&sp.meta_struct).serialize(&mut ser);
+        let _ = BinPairs(&rare.meta_struct).serialize(&mut ser);
     }
-    if !sp.span_links.is_empty() {
+    if !rare.span_links.is_empty() {
         key(ser.get_mut(), "span_links");
-        let _ = Links(&sp.span_links).serialize(&mut ser);
+        let _ = Links(&rare.span_links).serialize(&mut ser);
     }
-    if !sp.span_events.is_empty() {
+    if !rare.span_events.is_empty() {
         key(ser.get_mut(), "span_events");
-        let _ = Events(&sp.span_events).serialize(&mut ser);
+        let _ = Events(&rare.span_events).serialize(&mut ser);
     }
 }
 

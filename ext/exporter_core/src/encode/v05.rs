@@ -130,8 +130,9 @@ impl Builder {
         let _ = rmp::encode::write_sint(buf, sp.duration);
         let _ = rmp::encode::write_sint(buf, sp.error.into());
 
-        let links = (!sp.span_links.is_empty()).then(|| span_links_json(&sp.span_links));
-        let events = (!sp.span_events.is_empty()).then(|| span_events_json(&sp.span_events));
+        let rare = view.extras();
+        let links = (!rare.span_links.is_empty()).then(|| span_links_json(&rare.span_links));
+        let events = (!rare.span_events.is_empty()).then(|| span_events_json(&rare.span_events));
         let derived = view.extra_meta();
         let extra = usize::from(links.is_some()) + usize::from(events.is_some()) + derived.len();
         let _ = rmp::encode::write_map_len(buf, (sp.meta.len() + extra) as u32);
