@@ -332,7 +332,8 @@ fn meta_struct_value(ruby: &Ruby, v: Value) -> Result<Vec<u8>, Problem> {
     Ok(buf)
 }
 
-fn attribute(ruby: &Ruby, v: Value) -> Result<AttributeValue, Problem> {
+/// A span event (or exposure subject) attribute value.
+pub fn attribute(ruby: &Ruby, v: Value) -> Result<AttributeValue, Problem> {
     if v.as_raw() == ruby.qtrue().as_value().as_raw() {
         return Ok(AttributeValue::Bool(true));
     }

@@ -1,5 +1,8 @@
 //! The Ruby exception classes the extension raises (defined in Ruby, in
-//! `lib/exporter/errors.rb`, and looked up once), and reading options.
+//! `lib/exporter/errors.rb`, and looked up once), and reading and checking
+//! options.
+
+use std::time::Duration;
 
 use magnus::value::Lazy;
 use magnus::{Error, ExceptionClass, Module, RHash, RModule, Ruby, TryConvert};
@@ -30,4 +33,24 @@ pub fn argument(ruby: &Ruby, msg: impl std::fmt::Display) -> Error {
 pub fn option<T: TryConvert>(ruby: &Ruby, opts: RHash, key: &str) -> Result<T, Error> {
     opts.lookup::<_, Option<T>>(ruby.to_symbol(key))?
         .ok_or_else(|| argument(ruby, format!("missing option {key}")))
+}
+
+/// A positive, finite number of seconds, named `name` in the error.
+pub fn seconds(ruby: &Ruby, name: &str, secs: f64) -> Result<Duration, Error> {
+    if secs.is_finite() && secs > 0.0 {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        Err(argument(
+            ruby,
+            format!("{name} must be a positive number of seconds (got {secs})"),
+        ))
+    }
+}
+
+/// A positive size or count, named `name` in the error.
+pub fn positive(ruby: &Ruby, name: &str, n: i64) -> Result<usize, Error> {
+    usize::try_from(n)
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| argument(ruby, format!("{name} must be positive (got {n})")))
 }

@@ -4,17 +4,14 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use exporter_core::batch::BatchWorker;
 use exporter_core::exposures::{self, Context, EvpSink, Exposure, ExposureWorker, FLUSH_AT};
 use exporter_core::span::AttributeValue;
-use exporter_core::worker::{self, Worker};
-use magnus::rb_sys::AsRawValue;
+use exporter_core::worker;
 use magnus::value::ReprValue;
 use magnus::{
-    function, method, prelude::*, Error, Float, Integer, RHash, RModule, RString, Ruby, Symbol,
-    Value,
+    function, method, prelude::*, Error, Integer, RHash, RModule, RString, Ruby, Symbol, Value,
 };
 
 use crate::{convert, errors, writer};
@@ -26,84 +23,43 @@ pub struct Exposures {
 
 /// A required String argument; the error names the field.
 fn text(ruby: &Ruby, v: Value, field: &str) -> Result<String, Error> {
-    if RString::from_value(v).is_none() {
-        return Err(errors::argument(
-            ruby,
-            format!("{field} must be a String (got {})", unsafe {
-                v.classname()
-            }),
-        ));
-    }
     convert::string(ruby, v).map_err(|p| errors::argument(ruby, format!("{field} {p}")))
 }
 
-/// A primitive attribute value, or `None` (left out and counted).
+/// A primitive attribute value (String, Integer, Float, true, false), or
+/// `None`: left out and counted.
 fn attribute(ruby: &Ruby, v: Value) -> Option<AttributeValue> {
-    if v.as_raw() == ruby.qtrue().as_value().as_raw() {
-        return Some(AttributeValue::Bool(true));
-    }
-    if v.as_raw() == ruby.qfalse().as_value().as_raw() {
-        return Some(AttributeValue::Bool(false));
-    }
-    if let Some(i) = Integer::from_value(v) {
-        return i.to_i64().ok().map(AttributeValue::Int);
-    }
-    if let Some(f) = Float::from_value(v) {
-        return Some(AttributeValue::Float(f.to_f64()));
-    }
-    if RString::from_value(v).is_some() {
-        return convert::string(ruby, v).ok().map(AttributeValue::String);
-    }
-    None
+    convert::attribute(ruby, v)
+        .ok()
+        .filter(|a| !matches!(a, AttributeValue::Array(_)))
 }
 
 impl Exposures {
     fn native_new(ruby: &Ruby, opts: RHash) -> Result<Exposures, Error> {
         let url: String = errors::option(ruby, opts, "url")?;
-        let timeout: f64 = errors::option(ruby, opts, "timeout")?;
-        let flush_interval: f64 = errors::option(ruby, opts, "flush_interval")?;
-        let buffer_size: i64 = errors::option(ruby, opts, "buffer_size")?;
-        let dedup_cache_size: i64 = errors::option(ruby, opts, "dedup_cache_size")?;
-        let max_payload: i64 = errors::option(ruby, opts, "max_payload_size")?;
-        for (name, v) in [("timeout", timeout), ("flush_interval", flush_interval)] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(errors::argument(
-                    ruby,
-                    format!("{name} must be a positive number of seconds"),
-                ));
-            }
-        }
-        for (name, v) in [
-            ("buffer_size", buffer_size),
-            ("dedup_cache_size", dedup_cache_size),
-            ("max_payload_size", max_payload),
-        ] {
-            if v <= 0 {
-                return Err(errors::argument(ruby, format!("{name} must be positive")));
-            }
-        }
+        let seconds = |key| errors::seconds(ruby, key, errors::option(ruby, opts, key)?);
+        let positive = |key| errors::positive(ruby, key, errors::option(ruby, opts, key)?);
+        let timeout = seconds("timeout")?;
+        let flush_interval = seconds("flush_interval")?;
+        let buffer_size = positive("buffer_size")?;
+        let dedup_cache_size = positive("dedup_cache_size")?;
+        let max_payload = positive("max_payload_size")?;
         let context = Context {
             service: errors::option(ruby, opts, "service")?,
             env: errors::option(ruby, opts, "env")?,
             version: errors::option(ruby, opts, "version")?,
         };
-        let sink = EvpSink::new(
-            &url,
-            context,
-            Duration::from_secs_f64(timeout),
-            dedup_cache_size as usize,
-        )
-        .map_err(|e| errors::argument(ruby, e))?
-        .with_max_payload(max_payload as usize);
+        let sink = EvpSink::new(&url, context, timeout, dedup_cache_size)
+            .map_err(|e| errors::argument(ruby, e))?
+            .with_max_payload(max_payload);
         let inner = Arc::new(BatchWorker::new(
             sink,
-            buffer_size as usize,
+            buffer_size,
             FLUSH_AT,
-            Duration::from_secs_f64(flush_interval),
+            flush_interval,
             "exposures",
         ));
-        let as_worker: Arc<dyn Worker> = inner.clone();
-        worker::register(&as_worker).map_err(|e| errors::argument(ruby, e))?;
+        worker::register(&inner).map_err(|e| errors::argument(ruby, e))?;
         Ok(Exposures { inner })
     }
 
@@ -181,24 +137,23 @@ impl Exposures {
     fn stats(ruby: &Ruby, rb_self: &Self) -> Result<RHash, Error> {
         let s = rb_self.inner.stats();
         let c = &rb_self.inner.sink().counters;
-        let h = ruby.hash_new();
-        for (k, v) in [
-            ("recorded", c.recorded.load(Ordering::Relaxed)),
-            ("deduplicated", c.deduplicated.load(Ordering::Relaxed)),
-            ("queued", s.queued),
-            ("sent", s.sent),
-            ("dropped", s.dropped),
-            ("failed", s.failed),
-            (
-                "attributes_dropped",
-                c.attributes_dropped.load(Ordering::Relaxed),
-            ),
-            ("requests", s.requests),
-        ] {
-            h.aset(ruby.to_symbol(k), v)?;
-        }
-        h.aset(ruby.to_symbol("last_error"), rb_self.inner.last_error())?;
-        Ok(h)
+        writer::stats_hash(
+            ruby,
+            &[
+                ("recorded", c.recorded.load(Ordering::Relaxed)),
+                ("deduplicated", c.deduplicated.load(Ordering::Relaxed)),
+                ("queued", s.queued),
+                ("sent", s.sent),
+                ("dropped", s.dropped),
+                ("failed", s.failed),
+                (
+                    "attributes_dropped",
+                    c.attributes_dropped.load(Ordering::Relaxed),
+                ),
+                ("requests", s.requests),
+            ],
+            rb_self.inner.last_error(),
+        )
     }
 }
 

@@ -23,14 +23,7 @@ pub struct Transport {
 }
 
 fn seconds(ruby: &Ruby, opts: RHash, key: &str) -> Result<Duration, Error> {
-    let secs: f64 = errors::option(ruby, opts, key)?;
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err(errors::argument(
-            ruby,
-            format!("{key} must be a positive number of seconds (got {secs})"),
-        ));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    errors::seconds(ruby, key, errors::option(ruby, opts, key)?)
 }
 
 impl Transport {
@@ -45,11 +38,12 @@ impl Transport {
                 format!("protocol must be :v04 or :v05 (got :{protocol_name})"),
             )
         })?;
-        let max_payload: i64 = errors::option(ruby, opts, "max_payload_size")?;
+        let max_payload = errors::positive(
+            ruby,
+            "max_payload_size",
+            errors::option(ruby, opts, "max_payload_size")?,
+        )?;
         let max_retries: i64 = errors::option(ruby, opts, "max_retries")?;
-        if max_payload <= 0 {
-            return Err(errors::argument(ruby, "max_payload_size must be positive"));
-        }
         if !(0..=100).contains(&max_retries) {
             return Err(errors::argument(
                 ruby,
@@ -65,7 +59,7 @@ impl Transport {
                 max_retries: max_retries as u32,
                 ..RetryPolicy::default()
             },
-            max_payload: max_payload as usize,
+            max_payload,
             defaults: SpanDefaults {
                 service: errors::option(ruby, opts, "service")?,
                 env: errors::option(ruby, opts, "env")?,
@@ -83,7 +77,7 @@ impl Transport {
     }
 
     /// Sends already-converted traces and waits without the GVL.
-    pub fn send_converted(&self, ruby: &Ruby, traces: Vec<Trace>) -> Result<SendReport, Error> {
+    fn send_converted(&self, ruby: &Ruby, traces: Vec<Trace>) -> Result<SendReport, Error> {
         let count = traces.len();
         if count == 0 {
             return Ok(SendReport::default());

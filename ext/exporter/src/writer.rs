@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use exporter_core::batch::{BatchSink, BatchWorker, TraceWriter, MAX_BATCH};
-use exporter_core::worker::{self, Worker};
+use exporter_core::worker;
 use magnus::{function, method, prelude::*, Error, RHash, RModule, Ruby, Value};
 
 use crate::gvl::{self, Ran};
@@ -26,26 +26,16 @@ impl Writer {
         buffer_size: i64,
         flush_interval: f64,
     ) -> Result<Writer, Error> {
-        if buffer_size <= 0 {
-            return Err(errors::argument(ruby, "buffer_size must be positive"));
-        }
-        if !(flush_interval.is_finite() && flush_interval > 0.0) {
-            return Err(errors::argument(
-                ruby,
-                "flush_interval must be a positive number of seconds",
-            ));
-        }
-        let capacity = buffer_size as usize;
+        let capacity = errors::positive(ruby, "buffer_size", buffer_size)?;
         let inner = Arc::new(TraceWriter::new(
             transport.exporter(),
             capacity,
             // Send early once half the buffer is used.
             (capacity / 2).min(MAX_BATCH),
-            Duration::from_secs_f64(flush_interval),
+            errors::seconds(ruby, "flush_interval", flush_interval)?,
             "trace writer",
         ));
-        let as_worker: Arc<dyn Worker> = inner.clone();
-        worker::register(&as_worker).map_err(|e| errors::argument(ruby, e))?;
+        worker::register(&inner).map_err(|e| errors::argument(ruby, e))?;
         Ok(Writer { inner })
     }
 
@@ -67,20 +57,33 @@ impl Writer {
 
     fn stats(ruby: &Ruby, rb_self: &Self) -> Result<RHash, Error> {
         let s = rb_self.inner.stats();
-        let h = ruby.hash_new();
-        for (k, v) in [
-            ("written", s.written),
-            ("sent", s.sent),
-            ("dropped", s.dropped),
-            ("failed", s.failed),
-            ("queued", s.queued),
-            ("requests", s.requests),
-        ] {
-            h.aset(ruby.to_symbol(k), v)?;
-        }
-        h.aset(ruby.to_symbol("last_error"), rb_self.inner.last_error())?;
-        Ok(h)
+        stats_hash(
+            ruby,
+            &[
+                ("written", s.written),
+                ("sent", s.sent),
+                ("dropped", s.dropped),
+                ("failed", s.failed),
+                ("queued", s.queued),
+                ("requests", s.requests),
+            ],
+            rb_self.inner.last_error(),
+        )
     }
+}
+
+/// A batch worker's `stats` Hash: the counters plus `last_error`.
+pub fn stats_hash(
+    ruby: &Ruby,
+    counters: &[(&str, u64)],
+    last_error: Option<String>,
+) -> Result<RHash, Error> {
+    let h = ruby.hash_new();
+    for (k, v) in counters {
+        h.aset(ruby.to_symbol(k), *v)?;
+    }
+    h.aset(ruby.to_symbol("last_error"), last_error)?;
+    Ok(h)
 }
 
 /// Flushes a batch worker (trace writer, exposures): true when everything

@@ -116,23 +116,6 @@ impl SendReport {
             self.error = Some(e.into());
         }
     }
-
-    /// Folds another report (of a later send) into this one.
-    pub fn merge(&mut self, other: SendReport) {
-        if other.status.is_some() {
-            self.status = other.status;
-        }
-        self.trace_count += other.trace_count;
-        self.failed_traces += other.failed_traces;
-        self.oversized_traces += other.oversized_traces;
-        self.requests += other.requests;
-        if !other.rate_by_service.is_empty() {
-            self.rate_by_service = other.rate_by_service;
-        }
-        if let Some(e) = other.error {
-            self.note_error(e);
-        }
-    }
 }
 
 /// Sends traces to one agent.

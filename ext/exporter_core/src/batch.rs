@@ -184,12 +184,6 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
         true
     }
 
-    /// Counts of the items recorded as dropped outside `write` (e.g.
-    /// invalid parts of an item), added to `dropped`.
-    pub fn count_dropped(&self, n: u64) {
-        self.counters.dropped.fetch_add(n, Ordering::Relaxed);
-    }
-
     pub fn stats(&self) -> WriterStats {
         let c = &self.counters;
         WriterStats {

@@ -36,11 +36,12 @@ fn live() -> Vec<Arc<dyn Worker>> {
 
 /// Registers a worker and starts it on the runtime (starting the runtime if
 /// needed). Dropping the last `Arc` unregisters it.
-pub fn register(worker: &Arc<dyn Worker>) -> Result<(), crate::runtime::RuntimeError> {
+pub fn register<W: Worker + 'static>(worker: &Arc<W>) -> Result<(), crate::runtime::RuntimeError> {
+    let worker: Arc<dyn Worker> = worker.clone();
     WORKERS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .push(Arc::downgrade(worker));
+        .push(Arc::downgrade(&worker));
     let running = crate::runtime::is_running();
     let (handle, _) = crate::runtime::handle()?;
     if running {
@@ -135,8 +136,7 @@ mod tests {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let ticker = Arc::new(Ticker::default());
-        let dyn_worker: Arc<dyn Worker> = ticker.clone();
-        register(&dyn_worker).unwrap();
+        register(&ticker).unwrap();
         wait_for(|| ticker.ticks.load(Ordering::SeqCst) > 3);
 
         runtime::before_fork();
@@ -155,7 +155,6 @@ mod tests {
         wait_for(|| ticker.ticks.load(Ordering::SeqCst) > 3);
         assert_eq!(ticker.starts.load(Ordering::SeqCst), 3);
 
-        drop(dyn_worker);
         drop(ticker);
         assert!(live().is_empty());
     }
