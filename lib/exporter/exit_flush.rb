@@ -7,6 +7,34 @@ module Exporter
   module ExitFlush
     TIMEOUT = 5.0
 
+    # The flush-then-stop lifecycle shared by Writer and Exposures, over
+    # their native `_flush(seconds)` and `_stop`.
+    module Flushable
+      DEFAULT_TIMEOUT = 5.0
+
+      # True when everything queued so far was accepted by the agent within
+      # `timeout` seconds; false on timeout, or if some of it (since the
+      # previous flush) failed or was dropped. Releases the GVL while waiting.
+      def flush(timeout: DEFAULT_TIMEOUT)
+        _flush(Float(timeout))
+      end
+
+      def stopped? = @stopped == true
+
+      private
+
+      # Flushes (bounded by `timeout`), then stops for good: later items are
+      # dropped. Idempotent; returns the flush result.
+      def flush_and_stop(timeout)
+        return true if @stopped
+
+        flushed = flush(timeout: timeout)
+        @stopped = true
+        _stop
+        flushed
+      end
+    end
+
     @live = ObjectSpace::WeakMap.new
 
     class << self

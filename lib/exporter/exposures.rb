@@ -18,10 +18,11 @@ module Exporter
   # starts with an empty buffer and an empty dedup cache. At exit, queued
   # events are flushed (see `ExitFlush`).
   class Exposures
+    include ExitFlush::Flushable
+
     DEFAULT_FLUSH_INTERVAL = 1.0
     DEFAULT_BUFFER_SIZE = 65_536
     DEFAULT_DEDUP_CACHE_SIZE = 65_536
-    DEFAULT_TIMEOUT = 5.0
     MAX_PAYLOAD_SIZE = 5 * 1024 * 1024
     EMPTY_ATTRIBUTES = {}.freeze
 
@@ -51,23 +52,8 @@ module Exporter
       _record(flag, allocation, variant, subject_id, subject_attributes, timestamp_ms)
     end
 
-    # True when every event queued so far was accepted within `timeout`
-    # seconds. Releases the GVL while waiting.
-    def flush(timeout: DEFAULT_TIMEOUT)
-      _flush(Float(timeout))
-    end
-
     # Flushes (bounded by `timeout`), then stops the worker. Later records
     # are dropped. Idempotent; returns the flush result.
-    def close(timeout: DEFAULT_TIMEOUT)
-      return true if @stopped
-
-      flushed = flush(timeout: timeout)
-      @stopped = true
-      _stop
-      flushed
-    end
-
-    def stopped? = @stopped == true
+    def close(timeout: DEFAULT_TIMEOUT) = flush_and_stop(timeout)
   end
 end

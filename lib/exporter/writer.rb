@@ -15,43 +15,30 @@ module Exporter
   # starts with an empty buffer (the parent sends what was queued) and fresh
   # stats. At exit, live writers are flushed (see `ExitFlush`).
   class Writer
+    include ExitFlush::Flushable
+
     DEFAULT_BUFFER_SIZE = 1000
     DEFAULT_FLUSH_INTERVAL = 1.0
-    DEFAULT_TIMEOUT = 5.0
 
     def self.new(transport:, buffer_size: DEFAULT_BUFFER_SIZE, flush_interval: DEFAULT_FLUSH_INTERVAL)
       raise ArgumentError, "transport must be an Exporter::Transport" unless transport.is_a?(Transport)
-      raise ArgumentError, "buffer_size must be an Integer" unless buffer_size.is_a?(Integer)
-      raise ArgumentError, "flush_interval must be Numeric" unless flush_interval.is_a?(Numeric)
 
-      writer = _native_new(transport, buffer_size, flush_interval.to_f)
+      writer = _native_new(transport, Args.integer(:buffer_size, buffer_size),
+                           Args.seconds(:flush_interval, flush_interval))
       writer.instance_variable_set(:@transport, transport)
       ExitFlush.register(writer)
     end
 
     attr_reader :transport
 
-    # True when every trace written so far was accepted by the agent within
-    # `timeout` seconds; false on timeout, or if one of them (since the
-    # previous flush) failed or was dropped. Releases the GVL while waiting.
-    def flush(timeout: DEFAULT_TIMEOUT)
-      _flush(Float(timeout))
-    end
-
     # Flushes (bounded by `timeout`), stops the flusher and closes the
     # transport. Later writes are dropped. Idempotent; returns the flush
     # result.
     def stop(timeout: DEFAULT_TIMEOUT)
-      return true if @stopped
-
-      flushed = flush(timeout: timeout)
-      @stopped = true
-      _stop
+      flushed = flush_and_stop(timeout)
       @transport.close
       flushed
     end
-
-    def stopped? = @stopped == true
   end
 
   # Writes inline: each `write` sends the trace through the transport
