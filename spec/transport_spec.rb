@@ -142,9 +142,11 @@ RSpec.describe Exporter::Transport do
       begin
         killer = Thread.new do
           eventually { @server.received.any? }
-          3.times do
+          # One signal at a time (pending signals coalesce): the next is
+          # sent once the handler has run for the previous one.
+          3.times do |i|
             Process.kill("USR1", Process.pid)
-            sleep 0.05
+            eventually { trapped > i }
           end
         end
         r = t.send_traces(traces)
@@ -164,7 +166,7 @@ RSpec.describe Exporter::Transport do
     t = transport(timeout: 5)
     counter = 0
     spinner = Thread.new { loop { counter += 1 } }
-    sleep 0.05
+    eventually { counter.positive? }
     before = counter
     r = t.send_traces(traces)
     progressed = counter - before

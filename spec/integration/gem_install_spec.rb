@@ -7,15 +7,24 @@ require "tmpdir"
 RSpec.describe "gem build and install" do # rubocop:disable RSpec/DescribeClass
   ROOT = File.expand_path("../..", __dir__)
 
+  # Runs a command with a bounded wait, its output in `log`; returns
+  # [status, output].
+  def run_bounded(env, argv, chdir:, log:, timeout:)
+    pid = Process.spawn(env, *argv, chdir: chdir, out: log, err: log, pgroup: true)
+    [wait_bounded(pid, timeout: timeout), File.read(log)]
+  end
+
   it "installs from the built gem and works", timeout: 600 do
     Dir.mktmpdir("exporter-gem") do |dir|
       gem = File.join(dir, "exporter.gem")
-      out = IO.popen(%W[gem build exporter.gemspec -o #{gem}], chdir: ROOT, err: %i[child out], &:read)
-      expect($?).to be_success, out
+      status, out = run_bounded({}, %W[gem build exporter.gemspec -o #{gem}],
+                                chdir: ROOT, log: "#{dir}/build.log", timeout: 120)
+      expect(status).to be_success, out
       # Reuse the workspace's cargo build so the spec does not compile twice.
       env = { "EXPORTER_CARGO_TARGET_DIR" => File.join(ROOT, "target"), "GEM_HOME" => File.join(dir, "home") }
-      out = IO.popen(env, %W[gem install --local --no-document #{gem}], chdir: dir, err: %i[child out], &:read)
-      expect($?).to be_success, out
+      status, out = run_bounded(env, %W[gem install --local --no-document #{gem}],
+                                chdir: dir, log: "#{dir}/install.log", timeout: 480)
+      expect(status).to be_success, out
       installed = File.join(dir, "home", "gems", "exporter-#{Exporter::VERSION}")
       expect(Dir.glob("#{installed}/**/target")).to be_empty
       expect(Dir.glob("#{dir}/home/**/exporter.so")).not_to be_empty
