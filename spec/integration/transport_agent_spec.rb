@@ -112,6 +112,32 @@ RSpec.describe Exporter::Transport, "against ddapm-test-agent" do
     t&.close
   end
 
+  it "copies frozen strings shared by spans once, and every other string as it is" do
+    t = described_class.new(url: agent.url)
+    latin1 = "caf\xE9".dup.force_encoding("ISO-8859-1").freeze
+    shared = "shared-value"
+    spans = Array.new(40) do |i|
+      own = "value-#{i}".freeze # 40 distinct frozen strings: more than the cache's slots
+      meta = { "shared" => shared, "own" => own, own => "key-#{i}", "mutable" => +"m-#{i}" }
+      meta["latin1"] = latin1 if i.odd? # transcoded: a Ruby object is allocated
+      SpanFactory.span(trace_id: 13, span_id: 131 + i, parent_id: i.zero? ? 0 : 131, meta: meta)
+    end
+    expect(t.send_traces([spans])).to be_ok
+    got = agent.spans.to_h { |s| [s["span_id"], s["meta"]] }
+    spans.each_with_index do |s, i|
+      m = got.fetch(s[:span_id])
+      expect(m).to include("shared" => "shared-value", "own" => "value-#{i}", "value-#{i}" => "key-#{i}",
+                           "mutable" => "m-#{i}")
+      expect(m["latin1"]).to eq(i.odd? ? "caf\u00e9" : nil)
+    end
+  ensure
+    t&.close
+  end
+
+  it "iterates Hashes directly on this Ruby (no rb_ensure frame per Hash)" do
+    expect(Exporter::Native.hash_iteration).to eq(:direct)
+  end
+
   it "fills service, env and version from the transport" do
     t = described_class.new(url: agent.url, service: "billing", env: "staging", version: "2.1")
     span = SpanFactory.span(trace_id: 11, span_id: 111).merge(service: nil, meta: {})

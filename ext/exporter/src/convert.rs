@@ -32,8 +32,13 @@ fn expected(what: &str, v: Value) -> Problem {
 /// Passes the text of a Ruby String, as UTF-8, to `f`: borrowed from Ruby
 /// when it already is valid UTF-8, else transcoded and/or scrubbed (invalid
 /// sequences become U+FFFD). `f` runs before any Ruby code can, so the
-/// borrow is sound.
-fn with_text<R>(ruby: &Ruby, v: Value, f: impl FnOnce(&str) -> R) -> Result<R, Problem> {
+/// borrow is sound. Also tells whether a Ruby object was allocated (a
+/// transcoded copy), after which a GC may have run.
+fn with_text_noting<R>(
+    ruby: &Ruby,
+    v: Value,
+    f: impl FnOnce(&str) -> R,
+) -> Result<(R, bool), Problem> {
     let s = RString::from_value(v).ok_or_else(|| expected("a String", v))?;
     // Fast path: 7-bit strings (the coderange is cached on the string after
     // its first scan; Ruby only gives it to ASCII-compatible encodings) are
@@ -45,13 +50,16 @@ fn with_text<R>(ruby: &Ruby, v: Value, f: impl FnOnce(&str) -> R) -> Result<R, P
     };
     if cr == Coderange::SevenBit {
         // SAFETY: used by `f` before any Ruby code runs; 7-bit is UTF-8.
-        return Ok(f(unsafe { std::str::from_utf8_unchecked(s.as_slice()) }));
+        return Ok((
+            f(unsafe { std::str::from_utf8_unchecked(s.as_slice()) }),
+            false,
+        ));
     }
     let idx = s.enc_get();
-    let s = if idx == ruby.utf8_encindex()
+    let as_is = idx == ruby.utf8_encindex()
         || idx == ruby.ascii8bit_encindex()
-        || idx == ruby.usascii_encindex()
-    {
+        || idx == ruby.usascii_encindex();
+    let s = if as_is {
         s
     } else {
         s.conv_enc(ruby.utf8_encoding())
@@ -60,10 +68,15 @@ fn with_text<R>(ruby: &Ruby, v: Value, f: impl FnOnce(&str) -> R) -> Result<R, P
     // SAFETY: used by `f` before any Ruby code runs (`s` is on the stack,
     // so a transcoded copy stays alive).
     let bytes = unsafe { s.as_slice() };
-    Ok(match std::str::from_utf8(bytes) {
+    let r = match std::str::from_utf8(bytes) {
         Ok(valid) => f(valid),
         Err(_) => f(&String::from_utf8_lossy(bytes)),
-    })
+    };
+    Ok((r, !as_is))
+}
+
+fn with_text<R>(ruby: &Ruby, v: Value, f: impl FnOnce(&str) -> R) -> Result<R, Problem> {
+    with_text_noting(ruby, v, f).map(|(r, _)| r)
 }
 
 /// Reads a Ruby String as an owned UTF-8 String (for rare fields).
@@ -71,40 +84,112 @@ pub fn string(ruby: &Ruby, v: Value) -> Result<String, Problem> {
     with_text(ruby, v, str::to_owned)
 }
 
-/// Copies a Ruby String into the trace's text buffer.
-fn text(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<Str, Problem> {
-    with_text(ruby, v, |s| t.push_str(s))
+/// A trace being converted, and the frozen Strings already copied into it.
+struct Builder {
+    trace: Trace,
+    seen: Seen,
+}
+
+impl Builder {
+    fn new(spans: usize) -> Builder {
+        Builder {
+            trace: Trace {
+                spans: Vec::with_capacity(spans),
+                ..Trace::default()
+            },
+            seen: Seen::new(),
+        }
+    }
+}
+
+/// Frozen Strings already copied into the trace's text buffer, by object.
+///
+/// The spans of a trace repeat the same tag names, service, env, version
+/// and operation names, which tracers keep in frozen literals and
+/// constants: each is copied (and checked) once per trace, then referred
+/// to. A frozen String's text cannot change; an entry is only trusted while
+/// no Ruby object was allocated since it was made (a GC could free or move
+/// the String and give its address to another), hence [`Seen::forget`]
+/// after a transcoding. Direct-mapped: a collision replaces the entry.
+struct Seen([(rb_sys::VALUE, Str); Seen::SLOTS]);
+
+impl Seen {
+    const SLOTS: usize = 64;
+
+    fn new() -> Seen {
+        // VALUE 0 is `false`: never a String.
+        Seen([(0, Str::default()); Seen::SLOTS])
+    }
+
+    fn slot(v: rb_sys::VALUE) -> usize {
+        // Fibonacci hashing of the object's address: its top 6 bits.
+        ((v >> 3).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize
+    }
+
+    fn get(&self, v: rb_sys::VALUE) -> Option<Str> {
+        let (k, s) = self.0[Seen::slot(v)];
+        (k == v).then_some(s)
+    }
+
+    fn put(&mut self, v: rb_sys::VALUE, s: Str) {
+        self.0[Seen::slot(v)] = (v, s);
+    }
+
+    fn forget(&mut self) {
+        *self = Seen::new();
+    }
+}
+
+/// Copies a Ruby String into the trace's text buffer (once per trace for a
+/// frozen String).
+#[inline]
+fn text(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<Str, Problem> {
+    match b.seen.get(v.as_raw()) {
+        Some(s) => Ok(s),
+        None => copy_text(ruby, b, v),
+    }
+}
+
+#[inline(never)]
+fn copy_text(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<Str, Problem> {
+    let (s, allocated) = with_text_noting(ruby, v, |s| b.trace.push_str(s))?;
+    if allocated {
+        b.seen.forget();
+    } else if v.is_frozen() {
+        b.seen.put(v.as_raw(), s);
+    }
+    Ok(s)
 }
 
 /// A nil-or-String field, into the text buffer: nil is the empty string.
-fn opt_text(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<Str, Problem> {
+fn opt_text(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<Str, Problem> {
     if v.is_nil() {
         Ok(Str::default())
     } else {
-        text(ruby, t, v)
+        text(ruby, b, v)
     }
 }
 
 /// A Hash key (String or Symbol), into the text buffer.
-fn key_text(ruby: &Ruby, t: &mut Trace, k: Value) -> Result<Str, Problem> {
+fn key_text(ruby: &Ruby, b: &mut Builder, k: Value) -> Result<Str, Problem> {
     if let Some(sym) = Symbol::from_value(k) {
         let name = sym.name().map_err(|e| e.to_string())?;
-        return Ok(t.push_str(&name));
+        return Ok(b.trace.push_str(&name));
     }
-    text(ruby, t, k).map_err(|_| format!("has a key that {}", expected("a String or Symbol", k)))
+    text(ruby, b, k).map_err(|_| format!("has a key that {}", expected("a String or Symbol", k)))
 }
 
 /// Reads a meta (String => String) or metrics (String => number) Hash into
 /// the trace's shared entries; returns the span's range of them.
 fn entries<T>(
     ruby: &Ruby,
-    t: &mut Trace,
+    b: &mut Builder,
     v: Value,
-    value: impl Fn(&Ruby, &mut Trace, Value) -> Result<T, Problem>,
+    value: impl Fn(&Ruby, &mut Builder, Value) -> Result<T, Problem>,
     push: impl Fn(&mut Trace, Str, T),
     mark: impl Fn(&Trace) -> u32,
 ) -> Result<(u32, u32), Problem> {
-    let start = mark(t);
+    let start = mark(&b.trace);
     if v.is_nil() {
         return Ok((start, start));
     }
@@ -112,25 +197,25 @@ fn entries<T>(
     let len = h.len();
     let mut problem = None;
     each_pair(h, |k, v| {
-        let k = match key_text(ruby, t, k) {
+        let k = match key_text(ruby, b, k) {
             Ok(k) => k,
             Err(p) => {
                 problem = Some(p);
                 return false;
             }
         };
-        match value(ruby, t, v) {
+        match value(ruby, b, v) {
             Ok(v) => {
-                push(t, k, v);
+                push(&mut b.trace, k, v);
                 true
             }
             Err(p) => {
-                problem = Some(format!("[{:?}] {p}", t.str(k)));
+                problem = Some(format!("[{:?}] {p}", b.trace.str(k)));
                 false
             }
         }
     });
-    let end = mark(t);
+    let end = mark(&b.trace);
     match problem {
         Some(p) => Err(p),
         None if (end - start) as usize != len => Err("could not be read".into()),
@@ -201,9 +286,54 @@ fn array(v: Value) -> Result<RArray, Problem> {
     RArray::from_value(v).ok_or_else(|| expected("an Array", v))
 }
 
-/// Iterates a Hash without `rb_protect` (the callback must not raise: it
-/// only reads values, and every magnus call that could raise is protected
-/// by magnus itself). `f` returns false to stop.
+/// A C Hash iterator: `rb_hash_foreach`'s shape (an iterator that returns
+/// an int can be called through it: the result register is ignored).
+type ForeachFn = unsafe extern "C" fn(
+    rb_sys::VALUE,
+    Option<unsafe extern "C" fn(rb_sys::VALUE, rb_sys::VALUE, rb_sys::VALUE) -> std::ffi::c_int>,
+    rb_sys::VALUE,
+);
+
+/// How Hashes are iterated, chosen once at load (see [`init`]).
+///
+/// `rb_hash_stlike_foreach` walks the table directly; `rb_hash_foreach`
+/// wraps the same walk in an `rb_ensure` frame (setjmp) to undo its
+/// iteration lock should the callback raise or modify the Hash. Ours does
+/// neither (it only reads, runs no Ruby code and never raises), and that
+/// frame was a tenth of `Writer#write`'s cost, so the direct walk is used
+/// when this Ruby exports it (2.7 through 3.4 do; it is not public API,
+/// hence looked up, with `rb_hash_foreach` as the fallback).
+static FOREACH: std::sync::OnceLock<ForeachFn> = std::sync::OnceLock::new();
+
+fn foreach_fn() -> ForeachFn {
+    *FOREACH.get_or_init(|| {
+        // SAFETY: dlsym with a NUL-terminated name; the symbol, when
+        // present, is libruby's `int rb_hash_stlike_foreach(VALUE,
+        // st_foreach_callback_func *, st_data_t)`, whose C signature is
+        // `ForeachFn`'s (VALUE and st_data_t are both uintptr_t).
+        let direct = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"rb_hash_stlike_foreach".as_ptr()) };
+        if direct.is_null() {
+            rb_sys::rb_hash_foreach as ForeachFn
+        } else {
+            // SAFETY: see above.
+            unsafe { std::mem::transmute::<*mut libc::c_void, ForeachFn>(direct) }
+        }
+    })
+}
+
+/// How Hashes are iterated, for the specs: `:direct` or `:public`.
+pub fn hash_iteration(ruby: &Ruby) -> Symbol {
+    let public = rb_sys::rb_hash_foreach as ForeachFn;
+    ruby.to_symbol(if foreach_fn() as usize == public as usize {
+        "public"
+    } else {
+        "direct"
+    })
+}
+
+/// Iterates a Hash without `rb_protect`: the callback must not raise nor
+/// run Ruby code (it only reads values, and every magnus call that could
+/// raise is protected by magnus itself). `f` returns false to stop.
 fn each_pair<F: FnMut(Value, Value) -> bool>(h: RHash, mut f: F) {
     unsafe extern "C" fn call<F: FnMut(Value, Value) -> bool>(
         k: rb_sys::VALUE,
@@ -226,10 +356,11 @@ fn each_pair<F: FnMut(Value, Value) -> bool>(h: RHash, mut f: F) {
             _ => rb_sys::st_retval::ST_STOP as std::ffi::c_int,
         }
     }
-    // SAFETY: the callback upholds rb_hash_foreach's contract and never
-    // raises; `f` outlives the call.
+    // SAFETY: the callback upholds the iterator's contract (it neither
+    // modifies the Hash nor raises nor runs Ruby code, so no other code can
+    // modify it meanwhile); `f` outlives the call.
     unsafe {
-        rb_sys::rb_hash_foreach(
+        foreach_fn()(
             h.as_raw(),
             Some(call::<F>),
             &mut f as *mut F as rb_sys::VALUE,
@@ -428,6 +559,7 @@ static FIELD_SYMBOLS: std::sync::OnceLock<Vec<(rb_sys::VALUE, Field)>> = std::sy
 
 /// Interns the field symbols; called once at load.
 pub fn init(ruby: &Ruby) {
+    foreach_fn();
     FIELD_SYMBOLS.get_or_init(|| {
         FIELDS
             .iter()
@@ -436,21 +568,29 @@ pub fn init(ruby: &Ruby) {
     });
 }
 
-/// The field a key names (`None`: unknown key, ignored), or a problem.
+/// The field a Symbol key names, by the Symbol's VALUE.
 ///
 /// `hint` is where the previous key matched: spans built by one tracer list
 /// their keys in the same order, so the next key is tried first, then all.
-fn field(k: Value, hint: &mut usize) -> Result<Option<Field>, Problem> {
-    if let Some(syms) = FIELD_SYMBOLS.get() {
-        let raw = k.as_raw();
-        let n = syms.len();
-        for i in (*hint..n).chain(0..*hint) {
-            if syms[i].0 == raw {
-                *hint = (i + 1) % n;
-                return Ok(Some(syms[i].1));
-            }
+#[inline(always)]
+fn field_symbol(k: Value, hint: &mut usize) -> Option<Field> {
+    let syms = FIELD_SYMBOLS.get()?;
+    let raw = k.as_raw();
+    if let Some(&(sym, f)) = syms.get(*hint) {
+        if sym == raw {
+            *hint += 1;
+            return Some(f);
         }
     }
+    let i = syms.iter().position(|&(sym, _)| sym == raw)?;
+    *hint = i + 1;
+    Some(syms[i].1)
+}
+
+/// The field a key names (`None`: unknown key, ignored), or a problem:
+/// [`field_symbol`], else a String key or another Symbol.
+#[cold]
+fn field_other(k: Value) -> Result<Option<Field>, Problem> {
     if Symbol::from_value(k).is_some() {
         return Ok(None);
     }
@@ -472,7 +612,11 @@ fn fields(
     let mut problem = None;
     let mut hint = 0;
     each_pair(h, |k, v| {
-        let result = match field(k, &mut hint) {
+        let name = match field_symbol(k, &mut hint) {
+            Some(name) => Ok(Some(name)),
+            None => field_other(k),
+        };
+        let result = match name {
             Ok(Some(name)) => f(name, v),
             Ok(None) => Ok(()),
             Err(p) => Err(("key".to_owned(), p)),
@@ -600,10 +744,10 @@ fn error_flag(ruby: &Ruby, v: Value) -> Result<i32, Problem> {
 }
 
 /// Converts one span Hash into `t`.
-fn span(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<(), (String, Problem)> {
+fn span(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<(), (String, Problem)> {
     let h = hash(v).map_err(|p| ("span".to_owned(), p))?;
     let mut s = Span::default();
-    let mut rare = SpanExtras::default();
+    let mut rare: Option<SpanExtras> = None;
     let (mut has_trace, mut has_span, mut has_name) = (false, false, false);
     fields(h, |name, v| {
         match name {
@@ -617,12 +761,12 @@ fn span(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<(), (String, Problem)> {
             }
             Field::ParentId if !v.is_nil() => s.parent_id = at(name, id64(v))?,
             Field::Name => {
-                s.name = at(name, text(ruby, t, v))?;
+                s.name = at(name, text(ruby, b, v))?;
                 has_name = true;
             }
-            Field::Service => s.service = at(name, opt_text(ruby, t, v))?,
-            Field::Resource => s.resource = at(name, opt_text(ruby, t, v))?,
-            Field::Type => s.r#type = at(name, opt_text(ruby, t, v))?,
+            Field::Service => s.service = at(name, opt_text(ruby, b, v))?,
+            Field::Resource => s.resource = at(name, opt_text(ruby, b, v))?,
+            Field::Type => s.r#type = at(name, opt_text(ruby, b, v))?,
             Field::Start if !v.is_nil() => s.start = at(name, i64_field(v))?,
             Field::Duration if !v.is_nil() => {
                 s.duration = at(name, i64_field(v))?;
@@ -636,7 +780,7 @@ fn span(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<(), (String, Problem)> {
                     name,
                     entries(
                         ruby,
-                        t,
+                        b,
                         v,
                         text,
                         |t, k, v| t.meta.push((k, v)),
@@ -650,7 +794,7 @@ fn span(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<(), (String, Problem)> {
                     name,
                     entries(
                         ruby,
-                        t,
+                        b,
                         v,
                         |_, _, v| number(v),
                         |t, k, v| t.metrics.push((k, v)),
@@ -660,25 +804,33 @@ fn span(ruby: &Ruby, t: &mut Trace, v: Value) -> Result<(), (String, Problem)> {
                 s.metrics = Entries { start, end };
             }
             Field::MetaStruct => {
-                rare.meta_struct = at(name, opt_pairs(ruby, v, meta_struct_value))?
+                rare.get_or_insert_with(SpanExtras::default).meta_struct =
+                    at(name, opt_pairs(ruby, v, meta_struct_value))?
             }
-            Field::SpanLinks => rare.span_links = at(name, list(ruby, v, span_link))?,
-            Field::SpanEvents => rare.span_events = at(name, list(ruby, v, span_event))?,
+            Field::SpanLinks => {
+                rare.get_or_insert_with(SpanExtras::default).span_links =
+                    at(name, list(ruby, v, span_link))?
+            }
+            Field::SpanEvents => {
+                rare.get_or_insert_with(SpanExtras::default).span_events =
+                    at(name, list(ruby, v, span_event))?
+            }
             _ => {}
         }
         Ok(())
     })?;
-    for (present, field) in [
-        (has_trace, "trace_id"),
-        (has_span, "span_id"),
-        (has_name, "name"),
-    ] {
-        if !present {
-            return Err((field.into(), "is missing".into()));
-        }
+    if !(has_trace && has_span && has_name) {
+        let field = match (has_trace, has_span) {
+            (false, _) => "trace_id",
+            (_, false) => "span_id",
+            _ => "name",
+        };
+        return Err((field.into(), "is missing".into()));
     }
-    s.extras = t.push_extras(rare);
-    t.spans.push(s);
+    if let Some(rare) = rare {
+        s.extras = b.trace.push_extras(rare);
+    }
+    b.trace.spans.push(s);
     Ok(())
 }
 
@@ -691,24 +843,27 @@ pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
         )
     })?;
     let n = a.len();
-    let mut t = Trace {
-        spans: Vec::with_capacity(n),
-        ..Trace::default()
-    };
+    let mut b = Builder::new(n);
+    let mut first = (0, 0, 0);
     for (si, sv) in a.into_iter().enumerate() {
-        span(ruby, &mut t, sv).map_err(|(field, p)| {
+        span(ruby, &mut b, sv).map_err(|(field, p)| {
             errors::invalid_trace(ruby, format!("trace {ti}, span {si}: {field} {p}"))
         })?;
-        if si == 0 && n > 1 {
+        let t = &mut b.trace;
+        let sizes = (t.text.len(), t.meta.len(), t.metrics.len());
+        if si == 0 {
+            first = sizes;
+        } else if si == 1 && n > 2 {
             // Spans of a trace look alike: size the shared storage from the
-            // first one (plus a quarter), instead of growing it repeatedly.
-            let more = n - 1;
-            t.text.reserve(t.text.len() * more * 5 / 4);
-            t.meta.reserve(t.meta.len() * more * 5 / 4);
-            t.metrics.reserve(t.metrics.len() * more * 5 / 4);
+            // second one (the first copied the frozen strings the others
+            // share), plus a quarter, instead of growing it repeatedly.
+            let more = (n - 2) * 5 / 4;
+            t.text.reserve((sizes.0 - first.0) * more);
+            t.meta.reserve((sizes.1 - first.1) * more);
+            t.metrics.reserve((sizes.2 - first.2) * more);
         }
     }
-    Ok(t)
+    Ok(b.trace)
 }
 
 /// Converts an Array of traces.

@@ -15,5 +15,9 @@ pub fn init(module: RModule) -> Result<(), Error> {
     native.define_singleton_method("runtime_running?", function!(runtime::is_running, 0))?;
     native.define_singleton_method("runtime_generation", function!(runtime::generation, 0))?;
     native.define_singleton_method("runtime_thread_count", function!(runtime::thread_count, 0))?;
+    native.define_singleton_method(
+        "hash_iteration",
+        function!(crate::convert::hash_iteration, 0),
+    )?;
     Ok(())
 }
