@@ -110,29 +110,48 @@ impl Builder {
 /// to. A frozen String's text cannot change; an entry is only trusted while
 /// no Ruby object was allocated since it was made (a GC could free or move
 /// the String and give its address to another), hence [`Seen::forget`]
-/// after a transcoding. Direct-mapped: a collision replaces the entry.
+/// after a transcoding. Open addressing over a few slots; when those are
+/// taken the String is simply copied each time (nothing is evicted, so two
+/// Strings never take turns evicting each other).
 struct Seen([(rb_sys::VALUE, Str); Seen::SLOTS]);
 
 impl Seen {
-    const SLOTS: usize = 64;
+    const SLOTS: usize = 128;
+    const PROBES: usize = 4;
 
     fn new() -> Seen {
-        // VALUE 0 is `false`: never a String.
+        // VALUE 0 is `false`: never a String, so it marks a free slot.
         Seen([(0, Str::default()); Seen::SLOTS])
     }
 
-    fn slot(v: rb_sys::VALUE) -> usize {
-        // Fibonacci hashing of the object's address: its top 6 bits.
-        ((v >> 3).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize
+    #[inline(always)]
+    fn slots(v: rb_sys::VALUE) -> impl Iterator<Item = usize> {
+        // Fibonacci hashing of the object's address: its top 7 bits.
+        let first = ((v >> 3).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 57) as usize;
+        (first..first + Seen::PROBES).map(|i| i % Seen::SLOTS)
     }
 
+    #[inline(always)]
     fn get(&self, v: rb_sys::VALUE) -> Option<Str> {
-        let (k, s) = self.0[Seen::slot(v)];
-        (k == v).then_some(s)
+        for i in Seen::slots(v) {
+            let (k, s) = self.0[i];
+            if k == v {
+                return Some(s);
+            }
+            if k == 0 {
+                return None;
+            }
+        }
+        None
     }
 
     fn put(&mut self, v: rb_sys::VALUE, s: Str) {
-        self.0[Seen::slot(v)] = (v, s);
+        for i in Seen::slots(v) {
+            if self.0[i].0 == 0 {
+                self.0[i] = (v, s);
+                return;
+            }
+        }
     }
 
     fn forget(&mut self) {
@@ -170,8 +189,18 @@ fn opt_text(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<Str, Problem> {
     }
 }
 
-/// A Hash key (String or Symbol), into the text buffer.
+/// A Hash key (String or Symbol), into the text buffer. String keys are
+/// frozen (Hash freezes them), so those repeated by the spans are seen.
+#[inline]
 fn key_text(ruby: &Ruby, b: &mut Builder, k: Value) -> Result<Str, Problem> {
+    match b.seen.get(k.as_raw()) {
+        Some(s) => Ok(s),
+        None => copy_key_text(ruby, b, k),
+    }
+}
+
+#[inline(never)]
+fn copy_key_text(ruby: &Ruby, b: &mut Builder, k: Value) -> Result<Str, Problem> {
     if let Some(sym) = Symbol::from_value(k) {
         let name = sym.name().map_err(|e| e.to_string())?;
         return Ok(b.trace.push_str(&name));
@@ -247,22 +276,39 @@ fn integer(v: Value) -> Result<Integer, Problem> {
     Integer::from_value(v).ok_or_else(|| expected("an Integer", v))
 }
 
+/// A Fixnum's value, read from the VALUE itself (most ids, timestamps and
+/// durations are Fixnums: tagged with the low bit on 64-bit CRuby).
+#[inline(always)]
+fn fixnum(v: Value) -> Option<i64> {
+    let raw = v.as_raw();
+    (raw & 1 == 1).then_some((raw as i64) >> 1)
+}
+
 fn id64(v: Value) -> Result<u64, Problem> {
-    integer(v)?
-        .to_u64()
-        .map_err(|_| "is out of range for an unsigned 64-bit id".into())
+    match fixnum(v) {
+        Some(i) if i >= 0 => Ok(i as u64),
+        _ => integer(v)?
+            .to_u64()
+            .map_err(|_| "is out of range for an unsigned 64-bit id".into()),
+    }
 }
 
 fn id128(v: Value) -> Result<u128, Problem> {
-    integer(v)?
-        .to_u128()
-        .map_err(|_| "is out of range for an unsigned 128-bit id".into())
+    match fixnum(v) {
+        Some(i) if i >= 0 => Ok(i as u128),
+        _ => integer(v)?
+            .to_u128()
+            .map_err(|_| "is out of range for an unsigned 128-bit id".into()),
+    }
 }
 
 fn i64_field(v: Value) -> Result<i64, Problem> {
-    integer(v)?
-        .to_i64()
-        .map_err(|_| "is out of range for a signed 64-bit integer".into())
+    match fixnum(v) {
+        Some(i) => Ok(i),
+        None => integer(v)?
+            .to_i64()
+            .map_err(|_| "is out of range for a signed 64-bit integer".into()),
+    }
 }
 
 fn number(v: Value) -> Result<f64, Problem> {
