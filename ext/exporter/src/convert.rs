@@ -619,8 +619,7 @@ pub fn init(ruby: &Ruby) {
 /// `hint` is where the previous key matched: spans built by one tracer list
 /// their keys in the same order, so the next key is tried first, then all.
 #[inline(always)]
-fn field_symbol(k: Value, hint: &mut usize) -> Option<Field> {
-    let syms = FIELD_SYMBOLS.get()?;
+fn field_symbol(syms: &[(rb_sys::VALUE, Field)], k: Value, hint: &mut usize) -> Option<Field> {
     let raw = k.as_raw();
     if let Some(&(sym, f)) = syms.get(*hint) {
         if sym == raw {
@@ -657,8 +656,9 @@ fn fields(
 ) -> Result<(), (String, Problem)> {
     let mut problem = None;
     let mut hint = 0;
+    let syms = FIELD_SYMBOLS.get().map_or(&[][..], Vec::as_slice);
     each_pair(h, |k, v| {
-        let name = match field_symbol(k, &mut hint) {
+        let name = match field_symbol(syms, k, &mut hint) {
             Some(name) => Ok(Some(name)),
             None => field_other(k),
         };
@@ -914,9 +914,15 @@ pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
     // By index: `RArray::into_iter` would allocate a hidden copy per trace
     // (no Ruby code runs meanwhile, so the Array cannot change).
     for si in 0..n {
-        let sv: Value = a.entry(si as isize)?;
-        if si + PREFETCH_SPANS < n {
-            prefetch(a.entry(si as isize + PREFETCH_SPANS as isize)?);
+        // SAFETY: the Array's storage is read afresh for each span (a GC
+        // during the previous one may have moved it) and no Ruby code runs
+        // meanwhile, so it cannot shrink.
+        let (sv, ahead) = unsafe {
+            let spans = a.as_slice();
+            (spans[si], spans.get(si + PREFETCH_SPANS).copied())
+        };
+        if let Some(ahead) = ahead {
+            prefetch(ahead);
         }
         span(ruby, &mut b, sv).map_err(|(field, p)| {
             errors::invalid_trace(ruby, format!("trace {ti}, span {si}: {field} {p}"))
