@@ -9,6 +9,8 @@
 use exporter_core::span::{
     AttributeValue, Entries, Span, SpanEvent, SpanExtras, SpanLink, Str, Trace,
 };
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use magnus::encoding::Coderange;
 use magnus::encoding::EncodingCapable;
 use magnus::value::ReprValue;
@@ -880,6 +882,45 @@ fn span(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<(), (String, Problem)>
     Ok(())
 }
 
+/// What the last trace converted needed per span (text bytes, meta and
+/// metrics entries), so that the next one allocates its storage once
+/// instead of growing it span by span. Shared by all threads: only a hint.
+static SIZES: SizeHint = SizeHint {
+    text: AtomicU32::new(0),
+    meta: AtomicU32::new(0),
+    metrics: AtomicU32::new(0),
+};
+
+struct SizeHint {
+    text: AtomicU32,
+    meta: AtomicU32,
+    metrics: AtomicU32,
+}
+
+impl SizeHint {
+    /// Reserves room for `spans` spans like the last trace's, plus an
+    /// eighth; false when there is no hint yet.
+    fn reserve(&self, t: &mut Trace, spans: usize) -> bool {
+        let per = |a: &AtomicU32| a.load(Ordering::Relaxed) as usize * spans * 9 / 8;
+        let text = per(&self.text);
+        if text == 0 {
+            return false;
+        }
+        t.text.reserve(text);
+        t.meta.reserve(per(&self.meta));
+        t.metrics.reserve(per(&self.metrics));
+        true
+    }
+
+    fn learn(&self, t: &Trace) {
+        let spans = t.spans.len().max(1);
+        let per = |len: usize| len.div_ceil(spans).min(u32::MAX as usize) as u32;
+        self.text.store(per(t.text.len()), Ordering::Relaxed);
+        self.meta.store(per(t.meta.len()), Ordering::Relaxed);
+        self.metrics.store(per(t.metrics.len()), Ordering::Relaxed);
+    }
+}
+
 /// How many spans ahead of the one being read [`trace`] prefetches.
 const PREFETCH_SPANS: usize = 2;
 
@@ -910,6 +951,7 @@ pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
     })?;
     let n = a.len();
     let mut b = Builder::new(n);
+    let hinted = SIZES.reserve(&mut b.trace, n);
     let mut first = (0, 0, 0);
     // By index: `RArray::into_iter` would allocate a hidden copy per trace
     // (no Ruby code runs meanwhile, so the Array cannot change).
@@ -927,6 +969,9 @@ pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
         span(ruby, &mut b, sv).map_err(|(field, p)| {
             errors::invalid_trace(ruby, format!("trace {ti}, span {si}: {field} {p}"))
         })?;
+        if hinted {
+            continue;
+        }
         let t = &mut b.trace;
         let sizes = (t.text.len(), t.meta.len(), t.metrics.len());
         if si == 0 {
@@ -941,6 +986,7 @@ pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
             t.metrics.reserve((sizes.2 - first.2) * more);
         }
     }
+    SIZES.learn(&b.trace);
     Ok(b.trace)
 }
 
