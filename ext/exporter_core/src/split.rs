@@ -25,60 +25,83 @@ pub struct Split {
     pub oversized_traces: usize,
 }
 
+/// The next body to send, taken from the front of a list of traces.
+#[derive(Debug, Default, PartialEq)]
+pub struct Next {
+    /// None when every trace used was oversized.
+    pub payload: Option<Payload>,
+    /// How many traces from the front were used: sent in the body or
+    /// dropped as oversized.
+    pub consumed: usize,
+    /// Traces dropped because alone they exceed the cap.
+    pub oversized_traces: usize,
+}
+
+/// Encodes as many whole traces from the front of `traces` as fit in one
+/// body of at most `cap` bytes, skipping (and counting) any that alone
+/// would not fit. A v0.4 body is written into `buf`, cleared first: a
+/// caller sending bodies one after the other reuses one buffer, whose
+/// pages are already mapped.
+pub fn next_payload(
+    traces: &[Trace],
+    defaults: &SpanDefaults,
+    protocol: Protocol,
+    cap: usize,
+    buf: Vec<u8>,
+) -> Next {
+    match protocol {
+        Protocol::V04 => {
+            let mut body = v04::PayloadBuilder::with_buffer(buf);
+            let (consumed, oversized_traces) = fill(traces, |t| {
+                (body.try_add(t, defaults, cap), body.trace_count())
+            });
+            Next {
+                payload: (body.trace_count() > 0).then(|| body.finish()),
+                consumed,
+                oversized_traces,
+            }
+        }
+        Protocol::V05 => {
+            let mut body = v05::Builder::new();
+            let (consumed, oversized_traces) = fill(traces, |t| {
+                (body.try_add(t, defaults, Some(cap)), body.trace_count())
+            });
+            Next {
+                payload: (body.trace_count() > 0).then(|| Payload {
+                    trace_count: body.trace_count(),
+                    body: body.finish(),
+                }),
+                consumed,
+                oversized_traces,
+            }
+        }
+    }
+}
+
+/// Adds traces while they fit (`try_add` tells whether it did, and how
+/// many the body holds); a trace that does not fit an empty body is
+/// oversized and skipped. Returns (traces used, oversized).
+fn fill(traces: &[Trace], mut try_add: impl FnMut(&Trace) -> (bool, usize)) -> (usize, usize) {
+    let mut oversized = 0;
+    for (i, trace) in traces.iter().enumerate() {
+        match try_add(trace) {
+            (true, _) => continue,
+            (false, 0) => oversized += 1,
+            (false, _) => return (i, oversized),
+        }
+    }
+    (traces.len(), oversized)
+}
+
 /// Encodes `traces` into as few bodies as fit under `cap` bytes each.
 pub fn split(traces: &[Trace], defaults: &SpanDefaults, protocol: Protocol, cap: usize) -> Split {
-    match protocol {
-        Protocol::V04 => split_v04(traces, defaults, cap),
-        Protocol::V05 => split_v05(traces, defaults, cap),
-    }
-}
-
-fn split_v04(traces: &[Trace], defaults: &SpanDefaults, cap: usize) -> Split {
     let mut out = Split::default();
-    let mut body = v04::PayloadBuilder::new();
-    for trace in traces {
-        if body.try_add(trace, defaults, cap) {
-            continue;
-        }
-        if body.trace_count() > 0 {
-            let full = std::mem::take(&mut body);
-            out.payloads.push(full.finish());
-            if body.try_add(trace, defaults, cap) {
-                continue;
-            }
-        }
-        out.oversized_traces += 1;
-    }
-    if body.trace_count() > 0 {
-        out.payloads.push(body.finish());
-    }
-    out
-}
-
-fn split_v05(traces: &[Trace], defaults: &SpanDefaults, cap: usize) -> Split {
-    let mut out = Split::default();
-    let mut builder = v05::Builder::new();
-    for trace in traces {
-        if builder.try_add(trace, defaults, Some(cap)) {
-            continue;
-        }
-        if builder.trace_count() > 0 {
-            let full = std::mem::take(&mut builder);
-            out.payloads.push(Payload {
-                trace_count: full.trace_count(),
-                body: full.finish(),
-            });
-            if builder.try_add(trace, defaults, Some(cap)) {
-                continue;
-            }
-        }
-        out.oversized_traces += 1;
-    }
-    if builder.trace_count() > 0 {
-        out.payloads.push(Payload {
-            trace_count: builder.trace_count(),
-            body: builder.finish(),
-        });
+    let mut rest = traces;
+    while !rest.is_empty() {
+        let next = next_payload(rest, defaults, protocol, cap, Vec::new());
+        out.payloads.extend(next.payload);
+        out.oversized_traces += next.oversized_traces;
+        rest = &rest[next.consumed..];
     }
     out
 }
@@ -165,6 +188,27 @@ mod tests {
                 .collect();
             assert_eq!(ids, vec![1, 3]);
         }
+    }
+
+    #[test]
+    fn bodies_one_at_a_time_reuse_one_buffer_and_match_split() {
+        let traces: Vec<Trace> = (1..=50).map(|i| trace(i, 300 + i as usize)).collect();
+        let cap = 2_000;
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let allocation = buf.as_ptr();
+        let mut rest = &traces[..];
+        let mut bodies = Vec::new();
+        while !rest.is_empty() {
+            let next = next_payload(rest, &D, Protocol::V04, cap, buf);
+            rest = &rest[next.consumed..];
+            let p = next.payload.expect("a body");
+            assert_eq!(p.body.as_ptr(), allocation, "written into the given buffer");
+            bodies.push(p.body.clone());
+            buf = p.body;
+        }
+        let whole = split(&traces, &D, Protocol::V04, cap);
+        let expected: Vec<Vec<u8>> = whole.payloads.into_iter().map(|p| p.body).collect();
+        assert_eq!(bodies, expected);
     }
 
     #[test]

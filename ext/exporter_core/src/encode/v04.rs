@@ -128,10 +128,15 @@ impl Default for PayloadBuilder {
 
 impl PayloadBuilder {
     pub fn new() -> PayloadBuilder {
-        let mut body = Vec::with_capacity(64 * 1024);
-        body.extend_from_slice(&[0xdd, 0, 0, 0, 0]);
+        PayloadBuilder::with_buffer(Vec::with_capacity(64 * 1024))
+    }
+
+    /// A builder writing into `buf` (cleared first), keeping its capacity.
+    pub fn with_buffer(mut buf: Vec<u8>) -> PayloadBuilder {
+        buf.clear();
+        buf.extend_from_slice(&[0xdd, 0, 0, 0, 0]);
         PayloadBuilder {
-            body,
+            body: buf,
             trace_count: 0,
         }
     }
