@@ -4,6 +4,7 @@
 //! splitter (`crate::split`) decides which traces share a body, so encoders
 //! expose both a whole-payload function and the per-trace pieces it needs.
 
+pub mod msgpack;
 pub mod v04;
 pub mod v05;
 
@@ -48,8 +49,7 @@ pub(crate) fn container_header_len(len: usize) -> usize {
 
 /// Writes a msgpack array header into `buf`.
 pub(crate) fn write_array_len(buf: &mut Vec<u8>, len: usize) {
-    // Writing into a Vec cannot fail; lengths are bounded by the payload cap.
-    let _ = rmp::encode::write_array_len(buf, len as u32);
+    msgpack::array_len(buf, len);
 }
 
 /// Span links in the JSON form the agent reads from meta `_dd.span_links`

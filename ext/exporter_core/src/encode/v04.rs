@@ -6,7 +6,7 @@
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
-use super::write_array_len;
+use super::{msgpack, write_array_len};
 use crate::span::{AttributeValue, SpanDefaults, SpanEvent, SpanLink, SpanView, Trace};
 use crate::split::Payload;
 
@@ -20,17 +20,16 @@ pub fn encode_trace(buf: &mut Vec<u8>, trace: &Trace, defaults: &SpanDefaults) {
 
 /// Writes a short map key (a msgpack fixstr: every key here is under 32
 /// bytes).
-#[inline]
+#[inline(always)]
 fn key(buf: &mut Vec<u8>, k: &str) {
     debug_assert!(k.len() < 32);
     buf.push(0xa0 | k.len() as u8);
     buf.extend_from_slice(k.as_bytes());
 }
 
-#[inline]
+#[inline(always)]
 fn str_value(buf: &mut Vec<u8>, v: &str) {
-    // Writing into a Vec cannot fail.
-    let _ = rmp::encode::write_str(buf, v);
+    msgpack::str(buf, v);
 }
 
 /// One span map. The fields every span has are written with `rmp`
@@ -50,13 +49,13 @@ fn write_span(buf: &mut Vec<u8>, view: &SpanView<'_>) {
         + usize::from(!rare.meta_struct.is_empty())
         + usize::from(!rare.span_links.is_empty())
         + usize::from(!rare.span_events.is_empty());
-    let _ = rmp::encode::write_map_len(buf, len as u32);
+    msgpack::map_len(buf, len);
     key(buf, "trace_id");
-    let _ = rmp::encode::write_uint(buf, view.trace_id_low());
+    msgpack::uint(buf, view.trace_id_low());
     key(buf, "span_id");
-    let _ = rmp::encode::write_uint(buf, sp.span_id);
+    msgpack::uint(buf, sp.span_id);
     key(buf, "parent_id");
-    let _ = rmp::encode::write_uint(buf, sp.parent_id);
+    msgpack::uint(buf, sp.parent_id);
     key(buf, "name");
     str_value(buf, view.name());
     key(buf, "service");
@@ -68,14 +67,14 @@ fn write_span(buf: &mut Vec<u8>, view: &SpanView<'_>) {
         str_value(buf, view.r#type());
     }
     key(buf, "start");
-    let _ = rmp::encode::write_sint(buf, sp.start);
+    msgpack::sint(buf, sp.start);
     key(buf, "duration");
-    let _ = rmp::encode::write_sint(buf, sp.duration);
+    msgpack::sint(buf, sp.duration);
     key(buf, "error");
-    let _ = rmp::encode::write_sint(buf, sp.error.into());
+    msgpack::sint(buf, sp.error.into());
     if has_meta {
         key(buf, "meta");
-        let _ = rmp::encode::write_map_len(buf, (sp.meta.len() + extra.len()) as u32);
+        msgpack::map_len(buf, sp.meta.len() + extra.len());
         for (k, v) in view.own_meta() {
             str_value(buf, k);
             str_value(buf, v);
@@ -87,10 +86,10 @@ fn write_span(buf: &mut Vec<u8>, view: &SpanView<'_>) {
     }
     if !sp.metrics.is_empty() {
         key(buf, "metrics");
-        let _ = rmp::encode::write_map_len(buf, sp.metrics.len() as u32);
+        msgpack::map_len(buf, sp.metrics.len());
         for (k, v) in view.metrics() {
             str_value(buf, k);
-            let _ = rmp::encode::write_f64(buf, v);
+            msgpack::f64(buf, v);
         }
     }
     let mut ser = rmp_serde::Serializer::new(&mut *buf);

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 
+use super::msgpack::{self, str_len};
 use super::{container_header_len, span_events_json, span_links_json, write_array_len};
 use crate::span::{SpanDefaults, SpanView, Trace};
 
@@ -85,7 +86,7 @@ impl Builder {
         write_array_len(&mut out, 2);
         write_array_len(&mut out, self.strings.len());
         for s in &self.strings {
-            let _ = rmp::encode::write_str(&mut out, s);
+            msgpack::str(&mut out, s);
         }
         write_array_len(&mut out, self.trace_count);
         out.extend_from_slice(&self.traces);
@@ -97,16 +98,14 @@ impl Builder {
             return i;
         }
         let i = self.strings.len() as u32;
-        let mut tmp = Vec::with_capacity(s.len() + 5);
-        let _ = rmp::encode::write_str(&mut tmp, s);
-        self.strings_len += tmp.len();
+        self.strings_len += str_len(s);
         self.strings.push(s.to_owned());
         self.index.insert(s.to_owned(), i);
         i
     }
 
     fn uint(buf: &mut Vec<u8>, v: u64) {
-        let _ = rmp::encode::write_uint(buf, v);
+        msgpack::uint(buf, v);
     }
 
     fn encode_trace(&mut self, buf: &mut Vec<u8>, trace: &Trace, defaults: &SpanDefaults) {
@@ -126,16 +125,16 @@ impl Builder {
         Self::uint(buf, view.trace_id_low());
         Self::uint(buf, sp.span_id);
         Self::uint(buf, sp.parent_id);
-        let _ = rmp::encode::write_sint(buf, sp.start);
-        let _ = rmp::encode::write_sint(buf, sp.duration);
-        let _ = rmp::encode::write_sint(buf, sp.error.into());
+        msgpack::sint(buf, sp.start);
+        msgpack::sint(buf, sp.duration);
+        msgpack::sint(buf, sp.error.into());
 
         let rare = view.extras();
         let links = (!rare.span_links.is_empty()).then(|| span_links_json(&rare.span_links));
         let events = (!rare.span_events.is_empty()).then(|| span_events_json(&rare.span_events));
         let derived = view.extra_meta();
         let extra = usize::from(links.is_some()) + usize::from(events.is_some()) + derived.len();
-        let _ = rmp::encode::write_map_len(buf, (sp.meta.len() + extra) as u32);
+        msgpack::map_len(buf, sp.meta.len() + extra);
         let extras = [("_dd.span_links", links), ("events", events)];
         let extras = extras
             .iter()
@@ -147,11 +146,11 @@ impl Builder {
             Self::uint(buf, k.into());
             Self::uint(buf, v.into());
         }
-        let _ = rmp::encode::write_map_len(buf, sp.metrics.len() as u32);
+        msgpack::map_len(buf, sp.metrics.len());
         for (k, v) in view.metrics() {
             let k = self.intern(k);
             Self::uint(buf, k.into());
-            let _ = rmp::encode::write_f64(buf, v);
+            msgpack::f64(buf, v);
         }
         let t = self.intern(view.r#type());
         Self::uint(buf, t.into());
