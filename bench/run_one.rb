@@ -4,8 +4,10 @@
 # JSON line. Run by bench/bench.rb:
 #   ruby bench/run_one.rb MODE IMPL URL
 # MODE: alone | contention | paced | kill | fork_system | fork_fork | idle_rss
+# (fork_worker: one side of fork_system / fork_fork, spawned by it)
 # IMPL: baseline | sync | writer | none | gem | ab (fork_*: without, then with the gem)
 require "json"
+require "rbconfig"
 require_relative "workload"
 
 MODE, IMPL, URL = ARGV
@@ -215,22 +217,54 @@ result =
     end
     { kill_ms: samples.sort[samples.size / 2], kill_ms_max: samples.max }
   when "fork_system", "fork_fork"
-    # A/B in one process (less noise than two processes): first without
-    # the gem, then with it loaded and its runtime running, as in an app.
-    call = MODE == "fork_system" ? -> { system("true") } : -> { Process.wait(fork { exit!(0) }) }
-    n = MODE == "fork_system" ? 500 : 200
-    timed = lambda do
-      20.times { call.() }
+    # A/B between two live processes, one without the gem and one with it
+    # loaded and its runtime running (as in an app), timed in alternating
+    # blocks so that drifts of this noisy machine hit both alike.
+    call = MODE.delete_prefix("fork_")
+    workers = %w[none gem].to_h do |impl|
+      io = IO.popen([RbConfig.ruby, __FILE__, "fork_worker", impl, URL, call], "r+")
+      io.gets # ready
+      [impl, io]
+    end
+    block = call == "system" ? 50 : 20
+    times = Hash.new { |h, k| h[k] = [] }
+    10.times do
+      workers.each do |impl, io|
+        io.puts(block)
+        times[impl] << Float(io.gets)
+      end
+    end
+    hooks_run = workers.to_h do |impl, io|
+      io.close_write
+      [impl, Float(io.gets)]
+    end
+    workers.each_value(&:close) # waits for the worker, which exits on EOF
+    med = ->(xs) { xs.sort[xs.size / 2] }
+    { none_us: med.(times["none"]), gem_us: med.(times["gem"]), hooks_run_per_call: hooks_run["gem"] }
+  when "fork_worker"
+    # One side of the fork A/B: times blocks of calls on request (stdin:
+    # a count per line; stdout: µs per call), then prints how many times
+    # the gem's :before hook ran per call.
+    call = ARGV[3] == "system" ? -> { system("true") } : -> { Process.wait(fork { exit!(0) }) }
+    hooks_run = 0
+    if IMPL == "gem"
+      t = load_impl("sync")
+      t.send_traces(BATCHES[0])
+      Exporter::AtFork.at_fork(:before) { hooks_run += 1 }
+    end
+    5.times { call.() }
+    calls = 5
+    $stdout.sync = true
+    puts "ready"
+    while (line = $stdin.gets)
+      n = Integer(line)
       t0 = now
       n.times { call.() }
-      (now - t0) * 1e6 / n
+      puts((now - t0) * 1e6 / n)
+      calls += n
     end
-    without = timed.()
-    t = load_impl("sync")
-    t.send_traces(BATCHES[0])
-    hooks_run = 0
-    Exporter::AtFork.at_fork(:before) { hooks_run += 1 }
-    { none_us: without, gem_us: timed.(), hooks_run_per_call: hooks_run.fdiv(n + 20) }
+    puts hooks_run.fdiv(calls)
+    exit!(0)
   when "record"
     $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
     require "exporter"
