@@ -921,26 +921,6 @@ impl SizeHint {
     }
 }
 
-/// How many spans ahead of the one being read [`trace`] prefetches.
-const PREFETCH_SPANS: usize = 2;
-
-/// Asks the CPU to start loading a Ruby object's header. Traces handed to
-/// the exporter are often no longer in cache; loading the next spans'
-/// Hashes while this one is read overlaps their cache misses.
-#[inline(always)]
-fn prefetch(v: Value) {
-    // SAFETY: a prefetch is a hint: it never faults, whatever the address
-    // (an immediate such as nil is not one, and is simply not loaded).
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-            v.as_raw() as *const i8
-        )
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
-}
-
 /// Converts one trace (an Array of span Hashes); `ti` names it in errors.
 pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
     let a = RArray::from_value(v).ok_or_else(|| {
@@ -959,13 +939,7 @@ pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
         // SAFETY: the Array's storage is read afresh for each span (a GC
         // during the previous one may have moved it) and no Ruby code runs
         // meanwhile, so it cannot shrink.
-        let (sv, ahead) = unsafe {
-            let spans = a.as_slice();
-            (spans[si], spans.get(si + PREFETCH_SPANS).copied())
-        };
-        if let Some(ahead) = ahead {
-            prefetch(ahead);
-        }
+        let sv = unsafe { a.as_slice()[si] };
         span(ruby, &mut b, sv).map_err(|(field, p)| {
             errors::invalid_trace(ruby, format!("trace {ti}, span {si}: {field} {p}"))
         })?;
