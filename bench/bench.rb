@@ -142,7 +142,7 @@ paced = samples["writer paced"]
 paced_lost = %i[dropped failed unflushed].sum { |k| paced[k].max.to_i }
 paced_rate = med.("writer paced", :spans_per_s)
 paced_share = med.("writer paced", :spinner_share)
-sys_ratio = median(samples["system"][:gem_us].zip(samples["system"][:none_us]).map { |g, n| g / n })
+sys_ratio = med.("system", :gem_to_none)
 rss_added = med.("idle gem", :rss_mb) - med.("idle none", :rss_mb)
 
 targets = [
