@@ -165,9 +165,20 @@ impl Seen {
 /// frozen String).
 #[inline]
 fn text(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<Str, Problem> {
+    seen_or(ruby, b, v, copy_text)
+}
+
+/// The text of `v` if this trace has seen it, else what `copy` makes of it.
+#[inline(always)]
+fn seen_or(
+    ruby: &Ruby,
+    b: &mut Builder,
+    v: Value,
+    copy: fn(&Ruby, &mut Builder, Value) -> Result<Str, Problem>,
+) -> Result<Str, Problem> {
     match b.seen.get(v.as_raw()) {
         Some(s) => Ok(s),
-        None => copy_text(ruby, b, v),
+        None => copy(ruby, b, v),
     }
 }
 
@@ -195,10 +206,7 @@ fn opt_text(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<Str, Problem> {
 /// frozen (Hash freezes them), so those repeated by the spans are seen.
 #[inline]
 fn key_text(ruby: &Ruby, b: &mut Builder, k: Value) -> Result<Str, Problem> {
-    match b.seen.get(k.as_raw()) {
-        Some(s) => Ok(s),
-        None => copy_key_text(ruby, b, k),
-    }
+    seen_or(ruby, b, k, copy_key_text)
 }
 
 #[inline(never)]
@@ -207,7 +215,8 @@ fn copy_key_text(ruby: &Ruby, b: &mut Builder, k: Value) -> Result<Str, Problem>
         let name = sym.name().map_err(|e| e.to_string())?;
         return Ok(b.trace.push_str(&name));
     }
-    text(ruby, b, k).map_err(|_| format!("has a key that {}", expected("a String or Symbol", k)))
+    copy_text(ruby, b, k)
+        .map_err(|_| format!("has a key that {}", expected("a String or Symbol", k)))
 }
 
 /// Reads a meta (String => String) or metrics (String => number) Hash into
