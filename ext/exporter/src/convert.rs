@@ -5,6 +5,12 @@
 //! field before anything is sent. Strings of any encoding become UTF-8:
 //! UTF-8, US-ASCII and binary strings are taken as bytes (invalid sequences
 //! scrubbed to U+FFFD), other encodings are transcoded first.
+//!
+//! This is what `Writer#write` costs the application, so it is lean: Hashes
+//! are walked without an `rb_ensure` frame, span fields are matched by
+//! their static Symbols, a frozen String shared by the spans of a trace is
+//! copied once, and a trace's storage is allocated once, sized from the
+//! last trace. No Ruby object is allocated.
 
 use exporter_core::span::{
     AttributeValue, Entries, Span, SpanEvent, SpanExtras, SpanLink, Str, Trace,

@@ -6,7 +6,8 @@
 //! Conversion is the one cost the application thread pays, so a trace is
 //! laid out to need few allocations: every string of every span is copied
 //! into one text buffer ([`Trace::text`]) and referred to by [`Str`]
-//! ranges, and all meta and metrics entries of the trace share two vectors,
+//! ranges (several spans may refer to one copy of a string they share),
+//! and all meta and metrics entries of the trace share two vectors,
 //! each span owning a contiguous range of them. Rare fields (meta_struct,
 //! span links, span events) stay plainly owned, in [`SpanExtras`] kept
 //! beside the spans so that [`Span`] itself stays small.
