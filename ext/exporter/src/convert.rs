@@ -10,7 +10,8 @@
 //! are walked without an `rb_ensure` frame, span fields are matched by
 //! their static Symbols, a frozen String shared by the spans of a trace is
 //! copied once, and a trace's storage is allocated once, sized from the
-//! last trace. No Ruby object is allocated.
+//! last trace. No Ruby object is allocated but a transcoded copy of a
+//! String in another encoding.
 
 use exporter_core::span::{
     AttributeValue, Entries, Span, SpanEvent, SpanExtras, SpanLink, Str, Trace,
