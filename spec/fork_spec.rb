@@ -14,7 +14,9 @@ RSpec.describe "fork safety" do # rubocop:disable RSpec/DescribeClass
     expect(t.send_traces([SpanFactory.trace(1)])).to be_ok
     expect(Exporter::Runtime.thread_count).to be >= 1
     Exporter::Native.before_fork
-    expect(Exporter::Runtime.thread_count).to eq(0)
+    # Joined threads may still be listed in /proc for an instant while the
+    # kernel releases them (they run no code of ours by then).
+    expect(eventually(timeout: 1) { Exporter::Runtime.thread_count.zero? }).to be(true)
     Exporter::Native.after_fork_parent
     expect(w.write(SpanFactory.trace(2))).to be(true)
     expect(w.flush(timeout: 5)).to be(true)

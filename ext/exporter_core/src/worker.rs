@@ -143,7 +143,7 @@ mod tests {
         let paused_at = ticker.ticks.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(ticker.ticks.load(Ordering::SeqCst), paused_at);
-        assert_eq!(runtime::tests::our_threads(), 0);
+        assert!(runtime::tests::no_threads_left());
 
         runtime::after_fork_parent();
         wait_for(|| ticker.ticks.load(Ordering::SeqCst) > paused_at + 3);
