@@ -230,7 +230,7 @@ result =
     end
     block = call == "system" ? 25 : 10
     times = Hash.new { |h, k| h[k] = [] }
-    10.times do |i|
+    20.times do |i|
       # Each worker goes first in some of the blocks.
       workers.rotate(i).each do |impl, io|
         io.puts(block)
