@@ -25,6 +25,11 @@ RSpec.describe Exporter::InvalidTraceError do
     "non-numeric metric" => [-> { [[good(metrics: { "m" => "1" })]] }, /metrics \["m"\] must be an Integer or Float/],
     "meta not a Hash" => [-> { [[good(meta: [])]] }, /meta must be a Hash \(got Array\)/],
     "name not a String" => [-> { [[good(name: :sym)]] }, /name must be a String \(got Symbol\)/],
+    # false is VALUE 0, which also marks a free slot of the per-trace text cache.
+    "false as name" => [-> { [[good(name: false)]] }, /name must be a String \(got FalseClass\)/],
+    "false as meta value" => [-> { [[good, good(meta: { "a" => false })]] },
+                              /trace 0, span 1: meta \["a"\] must be a String \(got FalseClass\)/],
+    "false as meta key" => [-> { [[good(meta: { false => "a" })]] }, /meta has a key that must be a String or Symbol/],
     "negative duration" => [-> { [[good(duration: -5)]] }, /duration must not be negative/],
     "Float start" => [-> { [[good(start: 1.5)]] }, /start must be an Integer \(got Float\)/],
     "span not a Hash" => [-> { [[good, 42]] }, /trace 0, span 1: span must be a Hash \(got Integer\)/],

@@ -144,11 +144,13 @@ impl Seen {
     fn get(&self, v: rb_sys::VALUE) -> Option<Str> {
         for i in Seen::slots(v) {
             let (k, s) = self.0[i];
-            if k == v {
-                return Some(s);
-            }
+            // A free slot ends the search first: `false` (VALUE 0 too) is
+            // never found, and goes on to be rejected as not a String.
             if k == 0 {
                 return None;
+            }
+            if k == v {
+                return Some(s);
             }
         }
         None
