@@ -14,10 +14,9 @@
 //! String in another encoding.
 
 use exporter_core::span::{
-    AttributeValue, Entries, Span, SpanEvent, SpanExtras, SpanLink, Str, Trace,
+    reserve_within, AttributeValue, Entries, SizeHint, Span, SpanEvent, SpanExtras, SpanLink, Str,
+    Trace,
 };
-use std::sync::atomic::{AtomicU32, Ordering};
-
 use magnus::encoding::Coderange;
 use magnus::encoding::EncodingCapable;
 use magnus::value::ReprValue;
@@ -900,44 +899,8 @@ fn span(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<(), (String, Problem)>
     Ok(())
 }
 
-/// What the last trace converted needed per span (text bytes, meta and
-/// metrics entries), so that the next one allocates its storage once
-/// instead of growing it span by span. Shared by all threads: only a hint.
-static SIZES: SizeHint = SizeHint {
-    text: AtomicU32::new(0),
-    meta: AtomicU32::new(0),
-    metrics: AtomicU32::new(0),
-};
-
-struct SizeHint {
-    text: AtomicU32,
-    meta: AtomicU32,
-    metrics: AtomicU32,
-}
-
-impl SizeHint {
-    /// Reserves room for `spans` spans like the last trace's, plus an
-    /// eighth; false when there is no hint yet.
-    fn reserve(&self, t: &mut Trace, spans: usize) -> bool {
-        let per = |a: &AtomicU32| a.load(Ordering::Relaxed) as usize * spans * 9 / 8;
-        let text = per(&self.text);
-        if text == 0 {
-            return false;
-        }
-        t.text.reserve(text);
-        t.meta.reserve(per(&self.meta));
-        t.metrics.reserve(per(&self.metrics));
-        true
-    }
-
-    fn learn(&self, t: &Trace) {
-        let spans = t.spans.len().max(1);
-        let per = |len: usize| len.div_ceil(spans).min(u32::MAX as usize) as u32;
-        self.text.store(per(t.text.len()), Ordering::Relaxed);
-        self.meta.store(per(t.meta.len()), Ordering::Relaxed);
-        self.metrics.store(per(t.metrics.len()), Ordering::Relaxed);
-    }
-}
+/// What the last trace converted needed (see [`SizeHint`]).
+static SIZES: SizeHint = SizeHint::new();
 
 /// Converts one trace (an Array of span Hashes); `ti` names it in errors.
 pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
@@ -973,9 +936,12 @@ pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
             // second one (the first copied the frozen strings the others
             // share), plus a quarter, instead of growing it repeatedly.
             let more = (n - 2) * 5 / 4;
-            t.text.reserve((sizes.0 - first.0) * more);
-            t.meta.reserve((sizes.1 - first.1) * more);
-            t.metrics.reserve((sizes.2 - first.2) * more);
+            reserve_within(
+                t,
+                (sizes.0 - first.0) * more,
+                (sizes.1 - first.1) * more,
+                (sizes.2 - first.2) * more,
+            );
         }
     }
     SIZES.learn(&b.trace);

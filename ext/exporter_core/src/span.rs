@@ -17,6 +17,7 @@
 //! the trace is encoded, on a background thread.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The meta key that carries the high 64 bits of a 128-bit trace id.
 pub const TRACE_ID_HIGH_TAG: &str = "_dd.p.tid";
@@ -306,6 +307,70 @@ impl<'a> SpanView<'a> {
     }
 }
 
+/// What the last trace built needed per span (text bytes, meta and
+/// metrics entries), so that the next one allocates its storage once
+/// instead of growing it span by span. Shared by all threads: only a hint.
+#[derive(Debug)]
+pub struct SizeHint {
+    text: AtomicU32,
+    meta: AtomicU32,
+    metrics: AtomicU32,
+}
+
+impl Default for SizeHint {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SizeHint {
+    /// At most this many bytes are reserved per vector from a hint: a
+    /// trace unlike the last one (a few spans with huge strings, then many
+    /// small spans) must not reserve what it will not use; past it,
+    /// storage grows as usual.
+    pub const MAX_RESERVE: usize = 1 << 20;
+
+    pub const fn new() -> SizeHint {
+        SizeHint {
+            text: AtomicU32::new(0),
+            meta: AtomicU32::new(0),
+            metrics: AtomicU32::new(0),
+        }
+    }
+
+    /// Reserves room in `t` for `spans` spans like the last trace's, plus
+    /// an eighth, each vector within [`SizeHint::MAX_RESERVE`] bytes; false
+    /// when there is no hint yet.
+    pub fn reserve(&self, t: &mut Trace, spans: usize) -> bool {
+        let per = |a: &AtomicU32| a.load(Ordering::Relaxed) as usize * spans * 9 / 8;
+        let text = per(&self.text);
+        if text == 0 {
+            return false;
+        }
+        reserve_within(t, text, per(&self.meta), per(&self.metrics));
+        true
+    }
+
+    /// Notes what `t` needed per span.
+    pub fn learn(&self, t: &Trace) {
+        let spans = t.spans.len().max(1);
+        let per = |len: usize| len.div_ceil(spans).min(u32::MAX as usize) as u32;
+        self.text.store(per(t.text.len()), Ordering::Relaxed);
+        self.meta.store(per(t.meta.len()), Ordering::Relaxed);
+        self.metrics.store(per(t.metrics.len()), Ordering::Relaxed);
+    }
+}
+
+/// Reserves room in `t` for `text` more bytes and `meta` and `metrics`
+/// more entries, each vector within [`SizeHint::MAX_RESERVE`] bytes.
+pub fn reserve_within(t: &mut Trace, text: usize, meta: usize, metrics: usize) {
+    let cap = |n: usize, size: usize| n.min(SizeHint::MAX_RESERVE / size);
+    t.text.reserve(cap(text, 1));
+    t.meta.reserve(cap(meta, std::mem::size_of::<(Str, Str)>()));
+    t.metrics
+        .reserve(cap(metrics, std::mem::size_of::<(Str, f64)>()));
+}
+
 /// A span with owned fields: a convenient way to build a [`Trace`] in
 /// tests and benchmarks (`Trace::from(vec![SpanData { .. }])`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -375,6 +440,38 @@ impl From<Vec<SpanData>> for Trace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn size_hint_reserves_like_the_last_trace_within_a_cap() {
+        let hint = SizeHint::new();
+        let mut t = Trace::default();
+        assert!(!hint.reserve(&mut t, 10), "no hint before the first trace");
+        let small = Trace::from(vec![
+            SpanData {
+                name: "n".repeat(100),
+                ..Default::default()
+            };
+            4
+        ]);
+        hint.learn(&small);
+        let mut t = Trace::default();
+        assert!(hint.reserve(&mut t, 8));
+        assert!(t.text.capacity() >= 8 * 100, "{}", t.text.capacity());
+        // One span with a huge string, then a trace of many small spans:
+        // the reservation stays within the cap.
+        let huge = Trace::from(vec![SpanData {
+            name: "n".repeat(4 << 20),
+            ..Default::default()
+        }]);
+        hint.learn(&huge);
+        let mut t = Trace::default();
+        assert!(hint.reserve(&mut t, 1_000));
+        assert!(
+            t.text.capacity() <= 2 * SizeHint::MAX_RESERVE,
+            "{}",
+            t.text.capacity()
+        );
+    }
 
     fn meta_of(v: &SpanView<'_>) -> Vec<(String, String)> {
         v.own_meta()
