@@ -126,10 +126,12 @@ struct Seen([(rb_sys::VALUE, Str); Seen::SLOTS]);
 impl Seen {
     const SLOTS: usize = 128;
     const PROBES: usize = 4;
+    /// Marks a free slot: `Qundef` is never a value Ruby code can pass
+    /// (unlike `false`, `nil` or any other), so it is never found.
+    const FREE: rb_sys::VALUE = rb_sys::Qundef as rb_sys::VALUE;
 
     fn new() -> Seen {
-        // VALUE 0 is `false`: never a String, so it marks a free slot.
-        Seen([(0, Str::default()); Seen::SLOTS])
+        Seen([(Seen::FREE, Str::default()); Seen::SLOTS])
     }
 
     #[inline(always)]
@@ -143,13 +145,11 @@ impl Seen {
     fn get(&self, v: rb_sys::VALUE) -> Option<Str> {
         for i in Seen::slots(v) {
             let (k, s) = self.0[i];
-            // A free slot ends the search first: `false` (VALUE 0 too) is
-            // never found, and goes on to be rejected as not a String.
-            if k == 0 {
-                return None;
-            }
             if k == v {
                 return Some(s);
+            }
+            if k == Seen::FREE {
+                return None;
             }
         }
         None
@@ -157,7 +157,7 @@ impl Seen {
 
     fn put(&mut self, v: rb_sys::VALUE, s: Str) {
         for i in Seen::slots(v) {
-            if self.0[i].0 == 0 {
+            if self.0[i].0 == Seen::FREE {
                 self.0[i] = (v, s);
                 return;
             }
