@@ -234,12 +234,15 @@ fn entries<T>(
     b: &mut Builder,
     v: Value,
     value: impl Fn(&Ruby, &mut Builder, Value) -> Result<T, Problem>,
-    push: impl Fn(&mut Trace, Str, T),
-    mark: impl Fn(&Trace) -> u32,
-) -> Result<(u32, u32), Problem> {
-    let start = mark(&b.trace);
+    list: impl Fn(&mut Trace) -> &mut Vec<(Str, T)> + Copy,
+) -> Result<Entries, Problem> {
+    let start = list(&mut b.trace).len();
+    let range = |b: &mut Builder| Entries {
+        start: start as u32,
+        end: list(&mut b.trace).len() as u32,
+    };
     if v.is_nil() {
-        return Ok((start, start));
+        return Ok(range(b));
     }
     let h = hash(v)?;
     let len = h.len();
@@ -254,7 +257,7 @@ fn entries<T>(
         };
         match value(ruby, b, v) {
             Ok(v) => {
-                push(&mut b.trace, k, v);
+                list(&mut b.trace).push((k, v));
                 true
             }
             Err(p) => {
@@ -263,11 +266,11 @@ fn entries<T>(
             }
         }
     });
-    let end = mark(&b.trace);
+    let read = range(b);
     match problem {
         Some(p) => Err(p),
-        None if (end - start) as usize != len => Err("could not be read".into()),
-        None => Ok((start, end)),
+        None if read.len() != len => Err("could not be read".into()),
+        None => Ok(read),
     }
 }
 
@@ -840,33 +843,12 @@ fn span(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<(), (String, Problem)>
                 }
             }
             Field::Error => s.error = at(name, error_flag(ruby, v))?,
-            Field::Meta => {
-                let (start, end) = at(
-                    name,
-                    entries(
-                        ruby,
-                        b,
-                        v,
-                        text,
-                        |t, k, v| t.meta.push((k, v)),
-                        Trace::meta_mark,
-                    ),
-                )?;
-                s.meta = Entries { start, end };
-            }
+            Field::Meta => s.meta = at(name, entries(ruby, b, v, text, |t| &mut t.meta))?,
             Field::Metrics => {
-                let (start, end) = at(
+                s.metrics = at(
                     name,
-                    entries(
-                        ruby,
-                        b,
-                        v,
-                        |_, _, v| number(v),
-                        |t, k, v| t.metrics.push((k, v)),
-                        Trace::metrics_mark,
-                    ),
-                )?;
-                s.metrics = Entries { start, end };
+                    entries(ruby, b, v, |_, _, v| number(v), |t| &mut t.metrics),
+                )?
             }
             Field::MetaStruct => {
                 rare.get_or_insert_with(SpanExtras::default).meta_struct =

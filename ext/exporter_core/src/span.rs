@@ -163,29 +163,6 @@ impl Trace {
         &self.text[s.start as usize..(s.start + s.len) as usize]
     }
 
-    /// Marks where a span's meta entries begin (see [`Trace::meta_since`]).
-    pub fn meta_mark(&self) -> u32 {
-        self.meta.len() as u32
-    }
-
-    pub fn meta_since(&self, mark: u32) -> Entries {
-        Entries {
-            start: mark,
-            end: self.meta.len() as u32,
-        }
-    }
-
-    pub fn metrics_mark(&self) -> u32 {
-        self.metrics.len() as u32
-    }
-
-    pub fn metrics_since(&self, mark: u32) -> Entries {
-        Entries {
-            start: mark,
-            end: self.metrics.len() as u32,
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.spans.len()
     }
@@ -400,18 +377,24 @@ impl From<Vec<SpanData>> for Trace {
             let service = t.push_str(&d.service);
             let resource = t.push_str(&d.resource);
             let r#type = t.push_str(&d.r#type);
-            let mark = t.meta_mark();
+            let start = t.meta.len() as u32;
             for (k, v) in &d.meta {
                 let kv = (t.push_str(k), t.push_str(v));
                 t.meta.push(kv);
             }
-            let meta = t.meta_since(mark);
-            let mark = t.metrics_mark();
+            let meta = Entries {
+                start,
+                end: t.meta.len() as u32,
+            };
+            let start = t.metrics.len() as u32;
             for (k, v) in &d.metrics {
                 let k = t.push_str(k);
                 t.metrics.push((k, *v));
             }
-            let metrics = t.metrics_since(mark);
+            let metrics = Entries {
+                start,
+                end: t.metrics.len() as u32,
+            };
             let extras = t.push_extras(SpanExtras {
                 meta_struct: d.meta_struct,
                 span_links: d.span_links,
