@@ -16,6 +16,7 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::agent::{Post, SendReport};
 use crate::batch::{BatchSink, BatchWorker};
+use crate::encode::{MapOf, SeqOf};
 use crate::http::{Client, Endpoint, UrlError};
 use crate::retry::RetryPolicy;
 use crate::span::AttributeValue;
@@ -172,14 +173,7 @@ impl Serialize for Attr<'_> {
             AttributeValue::Bool(v) => s.serialize_bool(*v),
             AttributeValue::Int(v) => s.serialize_i64(*v),
             AttributeValue::Float(v) => s.serialize_f64(*v),
-            AttributeValue::Array(items) => {
-                use serde::ser::SerializeSeq;
-                let mut seq = s.serialize_seq(Some(items.len()))?;
-                for i in items {
-                    seq.serialize_element(&Attr(i))?;
-                }
-                seq.end()
-            }
+            AttributeValue::Array(items) => SeqOf(items, Attr).serialize(s),
         }
     }
 }
@@ -190,19 +184,7 @@ impl Serialize for Subject<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(2))?;
         m.serialize_entry("id", &self.0.subject_id)?;
-        m.serialize_entry("attributes", &Attrs(&self.0.attributes))?;
-        m.end()
-    }
-}
-
-struct Attrs<'a>(&'a [(String, AttributeValue)]);
-
-impl Serialize for Attrs<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in self.0 {
-            m.serialize_entry(k, &Attr(v))?;
-        }
+        m.serialize_entry("attributes", &MapOf(&self.0.attributes, Attr))?;
         m.end()
     }
 }

@@ -8,7 +8,36 @@ pub mod msgpack;
 pub mod v04;
 pub mod v05;
 
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+
 use crate::span::{AttributeValue, SpanEvent, SpanLink};
+
+/// A slice serialized as a sequence, each item as `wrap` presents it.
+pub(crate) struct SeqOf<'a, T, W>(pub &'a [T], pub fn(&'a T) -> W);
+
+impl<'a, T, W: Serialize> Serialize for SeqOf<'a, T, W> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for item in self.0 {
+            seq.serialize_element(&(self.1)(item))?;
+        }
+        seq.end()
+    }
+}
+
+/// `(name, value)` pairs serialized as a map, each value as `wrap`
+/// presents it.
+pub(crate) struct MapOf<'a, T, W>(pub &'a [(String, T)], pub fn(&'a T) -> W);
+
+impl<'a, T, W: Serialize> Serialize for MapOf<'a, T, W> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            m.serialize_entry(k, &(self.1)(v))?;
+        }
+        m.end()
+    }
+}
 
 /// The agent API version a transport speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
-use super::{msgpack, write_array_len};
+use super::{msgpack, write_array_len, MapOf, SeqOf};
 use crate::span::{AttributeValue, SpanDefaults, SpanEvent, SpanLink, SpanView, Trace};
 use crate::split::Payload;
 
@@ -95,15 +95,15 @@ fn write_span(buf: &mut Vec<u8>, view: &SpanView<'_>) {
     let mut ser = rmp_serde::Serializer::new(&mut *buf);
     if !rare.meta_struct.is_empty() {
         key(ser.get_mut(), "meta_struct");
-        let _ = BinPairs(&rare.meta_struct).serialize(&mut ser);
+        let _ = MapOf(&rare.meta_struct, |v| Bin(v)).serialize(&mut ser);
     }
     if !rare.span_links.is_empty() {
         key(ser.get_mut(), "span_links");
-        let _ = Links(&rare.span_links).serialize(&mut ser);
+        let _ = SeqOf(&rare.span_links, Link).serialize(&mut ser);
     }
     if !rare.span_events.is_empty() {
         key(ser.get_mut(), "span_events");
-        let _ = Events(&rare.span_events).serialize(&mut ser);
+        let _ = SeqOf(&rare.span_events, Event).serialize(&mut ser);
     }
 }
 
@@ -176,48 +176,11 @@ pub fn encode(traces: &[Trace], defaults: &SpanDefaults) -> Vec<u8> {
     b.finish().body
 }
 
-struct Pairs<'a, V>(&'a [(String, V)]);
-
-impl<V: Serialize> Serialize for Pairs<'_, V> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in self.0 {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
-    }
-}
-
 struct Bin<'a>(&'a [u8]);
 
 impl Serialize for Bin<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(self.0)
-    }
-}
-
-struct BinPairs<'a>(&'a [(String, Vec<u8>)]);
-
-impl Serialize for BinPairs<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in self.0 {
-            m.serialize_entry(k, &Bin(v))?;
-        }
-        m.end()
-    }
-}
-
-struct Links<'a>(&'a [SpanLink]);
-
-impl Serialize for Links<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let mut seq = s.serialize_seq(Some(self.0.len()))?;
-        for l in self.0 {
-            seq.serialize_element(&Link(l))?;
-        }
-        seq.end()
     }
 }
 
@@ -239,7 +202,7 @@ impl Serialize for Link<'_> {
         }
         m.serialize_entry("span_id", &l.span_id)?;
         if !l.attributes.is_empty() {
-            m.serialize_entry("attributes", &Pairs(&l.attributes))?;
+            m.serialize_entry("attributes", &MapOf(&l.attributes, |v| v))?;
         }
         if !l.tracestate.is_empty() {
             m.serialize_entry("tracestate", &l.tracestate)?;
@@ -248,19 +211,6 @@ impl Serialize for Link<'_> {
             m.serialize_entry("flags", &l.flags)?;
         }
         m.end()
-    }
-}
-
-struct Events<'a>(&'a [SpanEvent]);
-
-impl Serialize for Events<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let mut seq = s.serialize_seq(Some(self.0.len()))?;
-        for e in self.0 {
-            seq.serialize_element(&Event(e))?;
-        }
-        seq.end()
     }
 }
 
@@ -273,23 +223,7 @@ impl Serialize for Event<'_> {
         m.serialize_entry("name", &e.name)?;
         m.serialize_entry("time_unix_nano", &e.time_unix_nano)?;
         if !e.attributes.is_empty() {
-            let mut attrs = Vec::with_capacity(e.attributes.len());
-            for (k, v) in &e.attributes {
-                attrs.push((k.clone(), Attr(v)));
-            }
-            m.serialize_entry("attributes", &AttrMap(&attrs))?;
-        }
-        m.end()
-    }
-}
-
-struct AttrMap<'a, 'b>(&'a [(String, Attr<'b>)]);
-
-impl Serialize for AttrMap<'_, '_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in self.0 {
-            m.serialize_entry(k, v)?;
+            m.serialize_entry("attributes", &MapOf(&e.attributes, Attr))?;
         }
         m.end()
     }
@@ -320,20 +254,20 @@ impl Serialize for Attr<'_> {
             }
             AttributeValue::Array(items) => {
                 m.serialize_entry("type", &4u8)?;
-                let values: Vec<Attr<'_>> = items.iter().map(Attr).collect();
-                m.serialize_entry("array_value", &ArrayValue(&values))?;
+                m.serialize_entry("array_value", &ArrayValue(items))?;
             }
         }
         m.end()
     }
 }
 
-struct ArrayValue<'a, 'b>(&'a [Attr<'b>]);
+/// `{"values": [typed values]}`.
+struct ArrayValue<'a>(&'a [AttributeValue]);
 
-impl Serialize for ArrayValue<'_, '_> {
+impl Serialize for ArrayValue<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(1))?;
-        m.serialize_entry("values", self.0)?;
+        m.serialize_entry("values", &SeqOf(self.0, Attr))?;
         m.end()
     }
 }
