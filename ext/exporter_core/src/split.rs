@@ -17,14 +17,6 @@ pub struct Payload {
     pub trace_count: usize,
 }
 
-/// The bodies to send plus what could not be sent.
-#[derive(Debug, Default, PartialEq)]
-pub struct Split {
-    pub payloads: Vec<Payload>,
-    /// Traces dropped because alone they exceed the cap.
-    pub oversized_traces: usize,
-}
-
 /// The next body to send, taken from the front of a list of traces.
 #[derive(Debug, Default, PartialEq)]
 pub struct Next {
@@ -93,23 +85,32 @@ fn fill(traces: &[Trace], mut try_add: impl FnMut(&Trace) -> (bool, usize)) -> (
     (traces.len(), oversized)
 }
 
-/// Encodes `traces` into as few bodies as fit under `cap` bytes each.
-pub fn split(traces: &[Trace], defaults: &SpanDefaults, protocol: Protocol, cap: usize) -> Split {
-    let mut out = Split::default();
-    let mut rest = traces;
-    while !rest.is_empty() {
-        let next = next_payload(rest, defaults, protocol, cap, Vec::new());
-        out.payloads.extend(next.payload);
-        out.oversized_traces += next.oversized_traces;
-        rest = &rest[next.consumed..];
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::span::SpanData;
+
+    /// The bodies to send plus what could not be sent.
+    #[derive(Debug, Default, PartialEq)]
+    struct Split {
+        payloads: Vec<Payload>,
+        /// Traces dropped because alone they exceed the cap.
+        oversized_traces: usize,
+    }
+
+    /// Every body for `traces`, as a sender calling [`next_payload`] until
+    /// all are used gets them: as few bodies as fit under `cap` bytes each.
+    fn split(traces: &[Trace], defaults: &SpanDefaults, protocol: Protocol, cap: usize) -> Split {
+        let mut out = Split::default();
+        let mut rest = traces;
+        while !rest.is_empty() {
+            let next = next_payload(rest, defaults, protocol, cap, Vec::new());
+            out.payloads.extend(next.payload);
+            out.oversized_traces += next.oversized_traces;
+            rest = &rest[next.consumed..];
+        }
+        out
+    }
 
     const D: SpanDefaults = SpanDefaults {
         service: String::new(),
