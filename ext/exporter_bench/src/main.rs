@@ -115,9 +115,10 @@ async fn sink(port: u16, hang_all: bool) -> std::io::Result<()> {
 async fn post_loop(url: &str, seconds: f64, mut body: impl FnMut() -> Bytes) -> serde_json::Value {
     let client = Client::new(Endpoint::parse(url).expect("valid url"));
     let (_, generation) = exporter_core::runtime::handle().expect("runtime");
+    let count = TRACES_PER_REQUEST.to_string();
     let headers = [
-        ("Content-Type", "application/msgpack".to_owned()),
-        ("X-Datadog-Trace-Count", TRACES_PER_REQUEST.to_string()),
+        ("Content-Type", "application/msgpack"),
+        ("X-Datadog-Trace-Count", count.as_str()),
     ];
     let cpu0 = process_cpu();
     let t0 = Instant::now();

@@ -269,12 +269,13 @@ impl TraceExporter {
         generation: u64,
         report: &mut SendReport,
     ) -> bool {
-        let mut headers: Vec<(&str, String)> = self
+        let count = trace_count.to_string();
+        let headers: Vec<(&str, &str)> = self
             .fixed_headers
             .iter()
-            .map(|(k, v)| (*k, v.clone()))
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain([("X-Datadog-Trace-Count", count.as_str())])
             .collect();
-        headers.push(("X-Datadog-Trace-Count", trace_count.to_string()));
         let request = Post {
             client: &self.client,
             generation,
@@ -304,7 +305,7 @@ pub struct Post<'a> {
     pub client: &'a Client,
     pub generation: u64,
     pub path: &'a str,
-    pub headers: &'a [(&'a str, String)],
+    pub headers: &'a [(&'a str, &'a str)],
     /// Per attempt.
     pub timeout: Duration,
     pub retry: &'a RetryPolicy,

@@ -332,11 +332,8 @@ impl BatchSink<Exposure> for EvpSink {
             ));
         }
         let headers = [
-            ("Content-Type", "application/json".to_owned()),
-            (
-                "X-Datadog-EVP-Subdomain",
-                "event-platform-intake".to_owned(),
-            ),
+            ("Content-Type", "application/json"),
+            ("X-Datadog-EVP-Subdomain", "event-platform-intake"),
         ];
         let post = Post {
             client: &self.client,

@@ -221,7 +221,7 @@ impl Client {
         &self,
         generation: u64,
         path: &str,
-        headers: &[(&str, String)],
+        headers: &[(&str, &str)],
         body: Bytes,
         timeout: Duration,
     ) -> Result<HttpResponse, RequestError> {
@@ -230,12 +230,12 @@ impl Client {
             .unwrap_or(Err(RequestError::Timeout))
     }
 
-    fn request(&self, path: &str, headers: &[(&str, String)], body: Bytes) -> Request<Full<Bytes>> {
+    fn request(&self, path: &str, headers: &[(&str, &str)], body: Bytes) -> Request<Full<Bytes>> {
         let mut builder = Request::post(path)
             .header("Host", &self.host_header)
             .header("Content-Length", body.len());
         for (k, v) in headers {
-            builder = builder.header(*k, v);
+            builder = builder.header(*k, *v);
         }
         // Header names are constants and values are checked by the caller
         // (`crate::agent`), so building cannot fail.
@@ -248,7 +248,7 @@ impl Client {
         &self,
         generation: u64,
         path: &str,
-        headers: &[(&str, String)],
+        headers: &[(&str, &str)],
         body: Bytes,
     ) -> Result<HttpResponse, RequestError> {
         let req = self.request(path, headers, body.clone());
