@@ -57,7 +57,11 @@ module Exporter
       end
 
       def finalizer(handles)
-        proc { handles.each { |h| AtFork.remove_at_fork(h.stage, h) } }
+        proc { remove_fork_hooks(handles) }
+      end
+
+      def remove_fork_hooks(handles)
+        handles.each { |h| AtFork.remove_at_fork(h.stage, h) }
       end
 
       def protocol(value)
@@ -84,7 +88,7 @@ module Exporter
       handles = @fork_hooks
       @fork_hooks = nil
       if handles
-        handles.each { |h| AtFork.remove_at_fork(h.stage, h) }
+        self.class.send(:remove_fork_hooks, handles)
         ObjectSpace.undefine_finalizer(self)
       end
       nil
