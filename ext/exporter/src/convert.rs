@@ -14,8 +14,7 @@
 //! String in another encoding.
 
 use exporter_core::span::{
-    reserve_within, AttributeValue, Entries, SizeHint, Span, SpanEvent, SpanExtras, SpanLink, Str,
-    Trace,
+    AttributeValue, Entries, SizeHint, Span, SpanEvent, SpanExtras, SpanLink, Str, Trace,
 };
 use magnus::encoding::Coderange;
 use magnus::encoding::EncodingCapable;
@@ -894,8 +893,7 @@ pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
     })?;
     let n = a.len();
     let mut b = Builder::new(n);
-    let hinted = SIZES.reserve(&mut b.trace, n);
-    let mut first = (0, 0, 0);
+    SIZES.reserve(&mut b.trace, n);
     // By index: `RArray::into_iter` would allocate a hidden copy per trace
     // (no Ruby code runs meanwhile, so the Array cannot change).
     for si in 0..n {
@@ -906,25 +904,6 @@ pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
         span(ruby, &mut b, sv).map_err(|(field, p)| {
             errors::invalid_trace(ruby, format!("trace {ti}, span {si}: {field} {p}"))
         })?;
-        if hinted {
-            continue;
-        }
-        let t = &mut b.trace;
-        let sizes = (t.text.len(), t.meta.len(), t.metrics.len());
-        if si == 0 {
-            first = sizes;
-        } else if si == 1 && n > 2 {
-            // Spans of a trace look alike: size the shared storage from the
-            // second one (the first copied the frozen strings the others
-            // share), plus a quarter, instead of growing it repeatedly.
-            let more = (n - 2) * 5 / 4;
-            reserve_within(
-                t,
-                (sizes.0 - first.0) * more,
-                (sizes.1 - first.1) * more,
-                (sizes.2 - first.2) * more,
-            );
-        }
     }
     SIZES.learn(&b.trace);
     Ok(b.trace)

@@ -316,16 +316,16 @@ impl SizeHint {
     }
 
     /// Reserves room in `t` for `spans` spans like the last trace's, plus
-    /// an eighth, each vector within [`SizeHint::MAX_RESERVE`] bytes; false
-    /// when there is no hint yet.
-    pub fn reserve(&self, t: &mut Trace, spans: usize) -> bool {
+    /// an eighth, each vector within [`SizeHint::MAX_RESERVE`] bytes
+    /// (nothing before the first trace: its storage grows).
+    pub fn reserve(&self, t: &mut Trace, spans: usize) {
         let per = |a: &AtomicU32| a.load(Ordering::Relaxed) as usize * spans * 9 / 8;
-        let text = per(&self.text);
-        if text == 0 {
-            return false;
-        }
-        reserve_within(t, text, per(&self.meta), per(&self.metrics));
-        true
+        let cap = |n: usize, size: usize| n.min(SizeHint::MAX_RESERVE / size);
+        t.text.reserve(cap(per(&self.text), 1));
+        t.meta
+            .reserve(cap(per(&self.meta), std::mem::size_of::<(Str, Str)>()));
+        t.metrics
+            .reserve(cap(per(&self.metrics), std::mem::size_of::<(Str, f64)>()));
     }
 
     /// Notes what `t` needed per span.
@@ -336,16 +336,6 @@ impl SizeHint {
         self.meta.store(per(t.meta.len()), Ordering::Relaxed);
         self.metrics.store(per(t.metrics.len()), Ordering::Relaxed);
     }
-}
-
-/// Reserves room in `t` for `text` more bytes and `meta` and `metrics`
-/// more entries, each vector within [`SizeHint::MAX_RESERVE`] bytes.
-pub fn reserve_within(t: &mut Trace, text: usize, meta: usize, metrics: usize) {
-    let cap = |n: usize, size: usize| n.min(SizeHint::MAX_RESERVE / size);
-    t.text.reserve(cap(text, 1));
-    t.meta.reserve(cap(meta, std::mem::size_of::<(Str, Str)>()));
-    t.metrics
-        .reserve(cap(metrics, std::mem::size_of::<(Str, f64)>()));
 }
 
 /// A span with owned fields: a convenient way to build a [`Trace`] in
@@ -428,7 +418,8 @@ mod tests {
     fn size_hint_reserves_like_the_last_trace_within_a_cap() {
         let hint = SizeHint::new();
         let mut t = Trace::default();
-        assert!(!hint.reserve(&mut t, 10), "no hint before the first trace");
+        hint.reserve(&mut t, 10);
+        assert_eq!(t.text.capacity(), 0, "no hint before the first trace");
         let small = Trace::from(vec![
             SpanData {
                 name: "n".repeat(100),
@@ -438,7 +429,7 @@ mod tests {
         ]);
         hint.learn(&small);
         let mut t = Trace::default();
-        assert!(hint.reserve(&mut t, 8));
+        hint.reserve(&mut t, 8);
         assert!(t.text.capacity() >= 8 * 100, "{}", t.text.capacity());
         // One span with a huge string, then a trace of many small spans:
         // the reservation stays within the cap.
@@ -448,7 +439,7 @@ mod tests {
         }]);
         hint.learn(&huge);
         let mut t = Trace::default();
-        assert!(hint.reserve(&mut t, 1_000));
+        hint.reserve(&mut t, 1_000);
         assert!(
             t.text.capacity() <= 2 * SizeHint::MAX_RESERVE,
             "{}",
