@@ -45,7 +45,7 @@ RSpec.describe Exporter::Writer do
     slow&.close
   end
 
-  it "counts failures when the agent is down, logging once" do
+  it "keeps traces while the agent is down, retrying and logging once" do
     dead = Exporter::Transport.new(url: "http://127.0.0.1:#{TestAgent.free_port}", timeout: 0.1, deadline: 0.2)
     w = described_class.new(transport: dead, flush_interval: 60)
     r, wr = IO.pipe
@@ -54,17 +54,18 @@ RSpec.describe Exporter::Writer do
     begin
       3.times do |i|
         w.write(SpanFactory.trace(i + 1))
-        expect(w.flush(timeout: 5)).to be(false)
+        expect(w.flush(timeout: 0.3)).to be(false)
       end
+      eventually { w.stats[:retries] >= 3 }
     ensure
       $stderr.reopen(old_stderr)
       wr.close
     end
     log = r.read
     expect(log.lines.grep(/exporter: trace writer/).size).to eq(1)
-    expect(w.stats).to include(written: 3, failed: 3, sent: 0)
+    expect(w.stats).to include(written: 3, failed: 0, dropped: 0, sent: 0, queued: 3)
     expect(w.stats[:last_error]).to include("connect failed")
-    w.stop
+    w.stop(timeout: 0.1)
   end
 
   it "raises InvalidTraceError on bad input and queues nothing" do

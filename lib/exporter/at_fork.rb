@@ -76,10 +76,19 @@ module Exporter
         nil
       end
 
-      def run_child
+      # Runs :child hooks. `daemon: true` in the process that continues
+      # after `Process.daemon` (its parent has exited): what was queued
+      # before is now this process's to send.
+      def run_child(daemon: false)
+        @daemon_child = daemon
         hooks(:child).each { |h| h.callable.call }
         nil
+      ensure
+        @daemon_child = false
       end
+
+      # True while :child hooks run after `Process.daemon`.
+      def daemon_child? = @daemon_child == true
 
       private
 
@@ -89,12 +98,29 @@ module Exporter
         raise ArgumentError, "unknown at_fork stage #{stage.inspect} (expected one of #{STAGES.inspect})"
       end
 
-      def update
-        @lock.synchronize { @hooks = yield(@hooks).freeze }
+      # Replaces the registry with `yield(current)`. The lock orders
+      # updates between threads. A finalizer (a collected Transport
+      # removing its hooks) can run inside an update on the same thread,
+      # during an allocation of the block: it cannot take the lock
+      # (ThreadError) and updates directly; the outer update then sees the
+      # registry changed under it and recomputes, so neither change is lost.
+      def update(&block)
+        @lock.synchronize { swap(&block) }
       rescue ThreadError
-        # In a trap handler Mutex is forbidden; the handler runs on the main
-        # thread with the GVL, so the swap below is not interleaved.
-        @hooks = yield(@hooks).freeze
+        # Recursive (finalizer) or in a trap handler, where Mutex is
+        # forbidden: both run on this thread with the GVL held.
+        swap(&block)
+      end
+
+      def swap
+        loop do
+          before = @hooks
+          after = yield(before).freeze
+          next unless @hooks.equal?(before)
+
+          @hooks = after
+          return
+        end
       end
     end
 
@@ -120,7 +146,7 @@ module Exporter
           AtFork.run_parent
           raise
         end
-        AtFork.run_child
+        AtFork.run_child(daemon: true)
         result
       end
     end

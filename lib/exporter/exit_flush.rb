@@ -16,7 +16,10 @@ module Exporter
       # `timeout` seconds; false on timeout, or if some of it (since the
       # previous flush) failed or was dropped. Releases the GVL while waiting.
       def flush(timeout: DEFAULT_TIMEOUT)
-        _flush(Float(timeout))
+        seconds = Float(timeout, exception: false) if timeout.is_a?(Numeric) || timeout.is_a?(String)
+        raise ArgumentError, "timeout must be a number of seconds (got #{timeout.inspect})" unless seconds
+
+        _flush(seconds)
       end
 
       def stopped? = @stopped == true
@@ -43,14 +46,41 @@ module Exporter
         flushable
       end
 
-      def run(timeout: TIMEOUT)
+      # Flushes every live object within `timeout` seconds in all, then
+      # reports, in one line to `log`, what is still unsent and so lost
+      # with the process, per kind. Returns that count per kind.
+      def run(timeout: TIMEOUT, log: $stderr)
         deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
-        @live.each_key do |f|
+        live = @live.keys.reject(&:stopped?)
+        live.each do |f|
           left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
           break if left <= 0
 
-          f.flush(timeout: left) unless f.stopped?
+          f.flush(timeout: left)
         end
+        report_unsent(live, timeout, log)
+      end
+
+      private
+
+      def report_unsent(live, timeout, log)
+        unsent = Hash.new(0)
+        problems = []
+        live.each do |f|
+          stats = f.stats
+          next unless stats[:queued].positive?
+
+          unsent[f.class::UNSENT_NOUN] += stats[:queued]
+          problems << stats[:last_error] if stats[:last_error]
+        end
+        return unsent if unsent.empty?
+
+        counts = unsent.map { |noun, n| "#{n} #{noun}" }.join(", ")
+        cause = problems.empty? ? "" : " (last problem: #{problems.uniq.first(2).join('; ')})"
+        log&.puts("exporter: at exit, #{counts} could not be sent within #{timeout} s and are lost#{cause}")
+        unsent
+      rescue StandardError
+        unsent
       end
     end
   end

@@ -25,6 +25,8 @@ module Exporter
     DEFAULT_DEDUP_CACHE_SIZE = 65_536
     MAX_PAYLOAD_SIZE = 5 * 1024 * 1024
     EMPTY_ATTRIBUTES = {}.freeze
+    # What `ExitFlush` calls the items it could not send.
+    UNSENT_NOUN = "exposures"
 
     def self.new(url: nil, service: nil, env: nil, version: nil, flush_interval: DEFAULT_FLUSH_INTERVAL,
                  buffer_size: DEFAULT_BUFFER_SIZE, dedup_cache_size: DEFAULT_DEDUP_CACHE_SIZE, timeout: nil,

@@ -10,6 +10,9 @@ module Exporter
     attr_reader :trace_count
     # Traces not delivered after retries (or because the transport is closed).
     attr_reader :failed_count
+    # Traces whose last attempt timed out after the request was sent: not
+    # confirmed, but the agent may have received them (not in failed_count).
+    attr_reader :timed_out_count
     # Traces dropped because alone they exceed the payload limit.
     attr_reader :dropped_count
     # HTTP requests made, retries included.
@@ -19,11 +22,12 @@ module Exporter
     # The first problem met, as a message (nil when all went well).
     attr_reader :error
 
-    def initialize(status: nil, trace_count: 0, failed_count: 0, dropped_count: 0, requests: 0,
-                   rate_by_service: {}, error: nil)
+    def initialize(status: nil, trace_count: 0, failed_count: 0, timed_out_count: 0, dropped_count: 0,
+                   requests: 0, rate_by_service: {}, error: nil)
       @status = status
       @trace_count = trace_count
       @failed_count = failed_count
+      @timed_out_count = timed_out_count
       @dropped_count = dropped_count
       @requests = requests
       @rate_by_service = rate_by_service.freeze
@@ -33,12 +37,12 @@ module Exporter
 
     # True when every trace given was accepted by the agent.
     def ok?
-      error.nil? && failed_count.zero? && dropped_count.zero?
+      error.nil? && failed_count.zero? && timed_out_count.zero? && dropped_count.zero?
     end
 
     def to_h
-      { status: status, trace_count: trace_count, failed_count: failed_count, dropped_count: dropped_count,
-        requests: requests, rate_by_service: rate_by_service, error: error }
+      { status: status, trace_count: trace_count, failed_count: failed_count, timed_out_count: timed_out_count,
+        dropped_count: dropped_count, requests: requests, rate_by_service: rate_by_service, error: error }
     end
 
     def inspect

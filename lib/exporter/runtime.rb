@@ -13,7 +13,10 @@ module Exporter
 
         AtFork.at_fork(:before, owner: self) { Native.before_fork }
         AtFork.at_fork(:parent, owner: self) { Native.after_fork_parent }
-        AtFork.at_fork(:child, owner: self) { Native.after_fork_child }
+        AtFork.at_fork(:child, owner: self) do
+          # After Process.daemon the parent is gone: keep what it queued.
+          AtFork.daemon_child? ? Native.after_daemon : Native.after_fork_child
+        end
         @installed = true
       end
 

@@ -28,9 +28,9 @@ module Exporter
         opts = {
           url: Args.string(:url, url || Config.agent_url),
           timeout: timeout,
-          deadline: Args.seconds(:deadline, deadline || (timeout * 3)),
+          deadline: Args.seconds(:deadline, deadline || [timeout * 3, Args::MAX_SECONDS].min),
           protocol: protocol(protocol),
-          max_retries: Args.integer(:max_retries, max_retries),
+          max_retries: Args.integer(:max_retries, max_retries, 0..100),
           max_payload_size: Args.integer(:max_payload_size, max_payload_size),
           service: Args.string(:service, service || Config.service),
           env: Args.string(:env, env || Config.env_name),

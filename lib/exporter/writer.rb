@@ -19,6 +19,8 @@ module Exporter
 
     DEFAULT_BUFFER_SIZE = 1000
     DEFAULT_FLUSH_INTERVAL = 1.0
+    # What `ExitFlush` calls the items it could not send.
+    UNSENT_NOUN = "traces"
 
     def self.new(transport:, buffer_size: DEFAULT_BUFFER_SIZE, flush_interval: DEFAULT_FLUSH_INTERVAL)
       raise ArgumentError, "transport must be an Exporter::Transport" unless transport.is_a?(Transport)

@@ -35,16 +35,35 @@ pub fn option<T: TryConvert>(ruby: &Ruby, opts: RHash, key: &str) -> Result<T, E
         .ok_or_else(|| argument(ruby, format!("missing option {key}")))
 }
 
-/// A positive, finite number of seconds, named `name` in the error.
+/// Longest duration an option accepts (as `Exporter::Args::MAX_SECONDS`).
+pub const MAX_SECONDS: f64 = 86_400.0;
+
+/// A positive number of seconds, at most [`MAX_SECONDS`], named `name` in
+/// the error (NaN, infinities and huge values included: never a panic).
 pub fn seconds(ruby: &Ruby, name: &str, secs: f64) -> Result<Duration, Error> {
-    if secs.is_finite() && secs > 0.0 {
+    if secs > 0.0 && secs <= MAX_SECONDS {
         Ok(Duration::from_secs_f64(secs))
     } else {
         Err(argument(
             ruby,
-            format!("{name} must be a positive number of seconds (got {secs})"),
+            format!(
+                "{name} must be a positive number of seconds, at most {MAX_SECONDS} (got {secs})"
+            ),
         ))
     }
+}
+
+/// A wait of `secs` (a flush timeout): non-negative, NaN refused; huge
+/// values wait "forever" (capped, never an overflow).
+pub fn wait(ruby: &Ruby, secs: f64) -> Result<Duration, Error> {
+    if secs.is_nan() || secs < 0.0 {
+        return Err(argument(
+            ruby,
+            format!("timeout must be a non-negative number of seconds (got {secs})"),
+        ));
+    }
+    // A century: longer than any process lives, far from overflowing.
+    Ok(Duration::try_from_secs_f64(secs.min(3.2e9)).unwrap_or(Duration::MAX))
 }
 
 /// A positive size or count, named `name` in the error.

@@ -151,9 +151,19 @@ impl Exposures {
                     c.attributes_dropped.load(Ordering::Relaxed),
                 ),
                 ("requests", s.requests),
+                ("timed_out", s.timed_out),
+                ("retries", s.retries),
             ],
             rb_self.inner.last_error(),
         )
+    }
+}
+
+impl Drop for Exposures {
+    /// Collected without `close`: one bounded last send, then the worker
+    /// ends (see `BatchWorker::abandon`).
+    fn drop(&mut self) {
+        self.inner.abandon();
     }
 }
 

@@ -82,10 +82,7 @@ unsafe extern "C" fn unblock(data: *mut c_void) {
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
+    exporter_core::log::panic_message(&**p)
 }
 
 /// What became of work run with [`run`].

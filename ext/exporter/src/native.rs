@@ -12,6 +12,7 @@ pub fn init(module: RModule) -> Result<(), Error> {
         function!(runtime::after_fork_parent, 0),
     )?;
     native.define_singleton_method("after_fork_child", function!(runtime::after_fork_child, 0))?;
+    native.define_singleton_method("after_daemon", function!(runtime::after_daemon, 0))?;
     native.define_singleton_method("runtime_running?", function!(runtime::is_running, 0))?;
     native.define_singleton_method("runtime_generation", function!(runtime::generation, 0))?;
     native.define_singleton_method("runtime_thread_count", function!(runtime::thread_count, 0))?;

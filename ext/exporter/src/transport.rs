@@ -85,7 +85,7 @@ impl Transport {
         let exporter = self.exporter.clone();
         Ok(
             match gvl::run(ruby, move |generation| async move {
-                exporter.send(&traces, generation).await
+                exporter.send(&traces, generation, None).await
             })? {
                 Ran::Done(report) => report,
                 Ran::Abandoned => {
@@ -126,7 +126,13 @@ pub fn report_to_hash(ruby: &Ruby, r: &SendReport) -> Result<RHash, Error> {
     let h = ruby.hash_new();
     h.aset(ruby.to_symbol("status"), r.status)?;
     h.aset(ruby.to_symbol("trace_count"), r.trace_count)?;
-    h.aset(ruby.to_symbol("failed_count"), r.failed_traces)?;
+    // Not delivered, split by what we know: surely not received, or timed
+    // out after being sent (the agent may have them).
+    h.aset(
+        ruby.to_symbol("failed_count"),
+        r.failed_traces - r.timed_out_traces,
+    )?;
+    h.aset(ruby.to_symbol("timed_out_count"), r.timed_out_traces)?;
     h.aset(ruby.to_symbol("dropped_count"), r.oversized_traces)?;
     h.aset(ruby.to_symbol("requests"), r.requests)?;
     let rates = ruby.hash_new();

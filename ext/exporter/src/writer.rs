@@ -4,7 +4,7 @@
 //! exit-time flush.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use exporter_core::batch::{BatchSink, BatchWorker, TraceWriter, MAX_BATCH};
 use exporter_core::worker;
@@ -66,6 +66,8 @@ impl Writer {
                 ("failed", s.failed),
                 ("queued", s.queued),
                 ("requests", s.requests),
+                ("timed_out", s.timed_out),
+                ("retries", s.retries),
             ],
             rb_self.inner.last_error(),
         )
@@ -98,20 +100,36 @@ where
     T: Send + 'static,
     S: BatchSink<T>,
 {
-    if !(timeout.is_finite() && timeout >= 0.0) {
-        return Err(errors::argument(
-            ruby,
-            "timeout must be a non-negative number of seconds",
-        ));
+    let limit = errors::wait(ruby, timeout)?;
+    let deadline = Instant::now().checked_add(limit);
+    let ticket = worker.flush_ticket();
+    loop {
+        let left = deadline.map_or(limit, |d| d.saturating_duration_since(Instant::now()));
+        let flushed = worker.flushed(ticket);
+        match gvl::run(ruby, move |_| async move {
+            tokio::time::timeout(left, flushed).await.unwrap_or(false)
+        })? {
+            Ran::Done(ok) => return Ok(ok),
+            // A fork stopped the runtime under the wait: the items are
+            // still there (the parent sends them), so wait again, on the
+            // next runtime, for what remains of the timeout.
+            Ran::Abandoned if !left.is_zero() => continue,
+            Ran::Abandoned => return Ok(false),
+            // Mid-fork (a trap handler): brief pause, then try again.
+            Ran::NoRuntime(_) if !left.is_zero() => {
+                std::thread::sleep(std::time::Duration::from_millis(1).min(left))
+            }
+            Ran::NoRuntime(_) => return Ok(false),
+        }
     }
-    let flushed = worker.flush();
-    let limit = Duration::from_secs_f64(timeout);
-    Ok(matches!(
-        gvl::run(ruby, move |_| async move {
-            tokio::time::timeout(limit, flushed).await.unwrap_or(false)
-        })?,
-        Ran::Done(true)
-    ))
+}
+
+impl Drop for Writer {
+    /// Collected without `stop`: the flusher sends what it holds once
+    /// (bounded), then ends, releasing the transport's connections.
+    fn drop(&mut self) {
+        self.inner.abandon();
+    }
 }
 
 pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {

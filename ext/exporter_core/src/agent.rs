@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 
 use crate::encode::Protocol;
 use crate::http::{Client, Endpoint, HttpResponse, RequestError, UrlError};
@@ -88,6 +89,15 @@ pub struct SendReport {
     pub failed_traces: usize,
     /// Traces dropped because alone they exceed the payload cap.
     pub oversized_traces: usize,
+    /// Of `failed_traces`, those whose last attempt timed out after the
+    /// request was sent: the agent may have received them.
+    pub timed_out_traces: usize,
+    /// Where the failed traces that can succeed later start: every trace
+    /// from this index of the batch on was not delivered because of a
+    /// retryable failure (agent down, timeout, 408/429/5xx) and is counted
+    /// in `failed_traces`. A caller that keeps data (a batch worker) puts
+    /// them back instead; the rest of `failed_traces` failed for good.
+    pub retry_from: Option<usize>,
     /// Requests made, retries included.
     pub requests: usize,
     /// `rate_by_service` of the last successful response.
@@ -188,6 +198,12 @@ impl TraceExporter {
         }
     }
 
+    /// How long one attempt may take now (the configured timeout,
+    /// stretched while the agent is slow).
+    pub fn attempt_timeout(&self) -> Duration {
+        self.client.attempt_timeout(self.config.timeout)
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -195,21 +211,72 @@ impl TraceExporter {
     /// Sends `traces`; must run on the shared runtime of `generation`.
     /// The traces are borrowed so a caller whose send is cancelled still
     /// holds them.
-    pub async fn send(&self, traces: &[Trace], generation: u64) -> SendReport {
+    ///
+    /// After a retryable failure nothing more is sent: that body and every
+    /// trace after it are reported from `retry_from` on (a batch worker
+    /// keeps them, in order). `stop_retrying`, once cancelled, ends the
+    /// send after the attempt in flight (see [`Post::stop_retrying`]).
+    pub async fn send(
+        &self,
+        traces: &[Trace],
+        generation: u64,
+        stop_retrying: Option<&CancellationToken>,
+    ) -> SendReport {
         if self.is_closed() {
             return SendReport::failed(traces.len(), "transport is closed".into());
         }
-        let deadline = Instant::now() + self.config.deadline;
         let c = &self.config;
+        let deadline = Instant::now() + c.deadline.max(self.client.attempt_timeout(c.timeout));
         let mut report = SendReport::default();
         // One body at a time, encoded just before it is sent, into the
         // buffer of the body sent before it.
-        let mut rest = traces;
+        let mut offset = 0;
         let mut buf = self.take_spare();
-        while !rest.is_empty() {
-            let next = next_payload(rest, &c.defaults, c.protocol, c.max_payload, buf);
-            rest = &rest[next.consumed..];
+        while offset < traces.len() {
+            let next = next_payload(
+                &traces[offset..],
+                &c.defaults,
+                c.protocol,
+                c.max_payload,
+                buf,
+            );
             buf = Vec::new();
+            let mut outcome = Ok(());
+            if let Some(p) = next.payload {
+                let count = p.trace_count;
+                let body = Bytes::from(p.body);
+                outcome = self
+                    .post_with_retries(
+                        body.clone(),
+                        count,
+                        deadline,
+                        generation,
+                        stop_retrying,
+                        &mut report,
+                    )
+                    .await;
+                buf = reclaim(body);
+                match outcome {
+                    Ok(()) => report.trace_count += count,
+                    Err(u) if u.retryable => {}
+                    Err(u) => {
+                        report.failed_traces += count;
+                        if u.maybe_arrived {
+                            report.timed_out_traces += count;
+                        }
+                    }
+                }
+            }
+            if let Err(u) = outcome.filter_retryable() {
+                // This body's traces (oversized ones included: they are
+                // counted when met again) and all after it, for later.
+                report.retry_from = Some(offset);
+                report.failed_traces += traces.len() - offset;
+                if u.maybe_arrived {
+                    report.timed_out_traces += next.consumed - next.oversized_traces;
+                }
+                break;
+            }
             if next.oversized_traces > 0 {
                 report.oversized_traces += next.oversized_traces;
                 report.note_error(format!(
@@ -217,27 +284,9 @@ impl TraceExporter {
                     c.max_payload
                 ));
             }
-            let Some(p) = next.payload else { continue };
-            let count = p.trace_count;
-            let body = Bytes::from(p.body);
-            let accepted = self
-                .post_with_retries(body.clone(), count, deadline, generation, &mut report)
-                .await;
-            buf = reclaim(body);
-            if accepted {
-                report.trace_count += count;
-            } else {
-                report.failed_traces += count;
-                if Instant::now() >= deadline {
-                    break;
-                }
-            }
+            offset += next.consumed;
         }
         self.keep_spare(buf);
-        if !rest.is_empty() {
-            report.failed_traces += rest.len();
-            report.note_error("deadline exceeded before every payload was sent");
-        }
         report
     }
 
@@ -260,15 +309,16 @@ impl TraceExporter {
         }
     }
 
-    /// One body, retried as the policy allows. True when accepted.
+    /// One body, retried as the policy allows.
     async fn post_with_retries(
         &self,
         body: Bytes,
         trace_count: usize,
         deadline: Instant,
         generation: u64,
+        stop_retrying: Option<&CancellationToken>,
         report: &mut SendReport,
-    ) -> bool {
+    ) -> Result<(), Undelivered> {
         let count = trace_count.to_string();
         let headers: Vec<(&str, &str)> = self
             .fixed_headers
@@ -283,14 +333,11 @@ impl TraceExporter {
             headers: &headers,
             timeout: self.config.timeout,
             retry: &self.config.retry,
+            stop_retrying,
         };
-        match request.send(body, deadline, report).await {
-            Some(resp) => {
-                report.rate_by_service = parse_rates(&resp.body);
-                true
-            }
-            None => false,
-        }
+        let resp = request.send(body, deadline, report).await?;
+        report.rate_by_service = parse_rates(&resp.body);
+        Ok(())
     }
 }
 
@@ -300,38 +347,74 @@ fn reclaim(body: Bytes) -> Vec<u8> {
     body.try_into_mut().map(Vec::from).unwrap_or_default()
 }
 
+/// Why a body was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Undelivered {
+    /// Trying again later could succeed (agent down or slow, 408/429/5xx).
+    pub retryable: bool,
+    /// The last attempt timed out after the request was sent: the agent
+    /// may have processed it, so sending it again may duplicate it.
+    pub maybe_arrived: bool,
+}
+
+trait FilterRetryable {
+    fn filter_retryable(self) -> Result<(), Undelivered>;
+}
+
+impl FilterRetryable for Result<(), Undelivered> {
+    /// Keeps only a retryable failure.
+    fn filter_retryable(self) -> Result<(), Undelivered> {
+        match self {
+            Err(u) if u.retryable => Err(u),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// One POST to the agent, with its retry settings.
 pub struct Post<'a> {
     pub client: &'a Client,
     pub generation: u64,
     pub path: &'a str,
     pub headers: &'a [(&'a str, &'a str)],
-    /// Per attempt.
+    /// Per attempt, as configured (the client stretches it for a slow
+    /// agent: see [`Client::attempt_timeout`]).
     pub timeout: Duration,
     pub retry: &'a RetryPolicy,
+    /// Once cancelled, no new attempt starts and a backoff wait ends: the
+    /// body is reported undelivered and retryable. The attempt in flight is
+    /// never cut short (cutting it could make the agent receive the body
+    /// while we count it unsent, then send it again). A batch worker
+    /// cancels it before fork.
+    pub stop_retrying: Option<&'a CancellationToken>,
 }
 
 impl Post<'_> {
     /// Sends `body`, retrying what can succeed later, until `deadline`.
-    /// Returns the 2xx response, or `None` with the problem noted in
+    /// Returns the 2xx response, or why not with the problem noted in
     /// `report` (which also counts requests and keeps the last status).
     pub async fn send(
         &self,
         body: Bytes,
         deadline: Instant,
         report: &mut SendReport,
-    ) -> Option<HttpResponse> {
+    ) -> Result<HttpResponse, Undelivered> {
         let mut retry = 0;
         // Out of time, the problem reported is the last attempt's (the same
         // outage must always read the same, so it is logged once).
         let mut last_problem: Option<String> = None;
+        let mut last = Undelivered {
+            retryable: true,
+            maybe_arrived: false,
+        };
+        let stopping = || self.stop_retrying.is_some_and(|t| t.is_cancelled());
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
+            if remaining.is_zero() || (retry > 0 && stopping()) {
                 report.note_error(last_problem.unwrap_or_else(|| "deadline exceeded".into()));
-                return None;
+                return Err(last);
             }
-            let timeout = self.timeout.min(remaining);
+            let timeout = self.client.attempt_timeout(self.timeout).min(remaining);
             report.requests += 1;
             let result = self
                 .client
@@ -347,13 +430,21 @@ impl Post<'_> {
                 Ok(resp) => {
                     report.status = Some(resp.status);
                     if (200..300).contains(&resp.status) {
-                        return result.ok();
+                        return result.map_err(|_| last);
                     }
                     (Attempt::Status(resp.status), resp.retry_after)
                 }
                 Err(RequestError::Connect(_)) => (Attempt::ConnectError, None),
-                Err(RequestError::Runtime(_)) => (Attempt::Status(0), None),
-                Err(_) => (Attempt::Timeout, None),
+                Err(RequestError::Runtime(_) | RequestError::Build(_)) => {
+                    (Attempt::Status(0), None)
+                }
+                Err(RequestError::Timeout { .. } | RequestError::Http(_)) => {
+                    (Attempt::Timeout, None)
+                }
+            };
+            last = Undelivered {
+                retryable: attempt.is_retryable(),
+                maybe_arrived: matches!(result, Err(RequestError::Timeout { sent: true })),
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
             let wait = self.retry.delay(
@@ -375,12 +466,20 @@ impl Post<'_> {
             match wait {
                 Some(d) => {
                     last_problem = Some(problem);
-                    tokio::time::sleep(d).await;
+                    match self.stop_retrying {
+                        Some(t) => {
+                            tokio::select! {
+                                _ = tokio::time::sleep(d) => {}
+                                _ = t.cancelled() => {}
+                            }
+                        }
+                        None => tokio::time::sleep(d).await,
+                    }
                     retry += 1;
                 }
                 None => {
                     report.note_error(problem);
-                    return None;
+                    return Err(last);
                 }
             }
         }

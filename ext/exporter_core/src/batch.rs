@@ -7,16 +7,28 @@
 //! `flush_interval`, or early when `wake_at` items wait or a flush is
 //! requested, and sends everything queued in batches. It never touches Ruby.
 //!
-//! Drop policy: when the buffer holds `capacity` items, a new item is
-//! dropped (not an old one: the oldest are closest to being sent) and
-//! counted. Every item written ends in exactly one of `sent`, `failed`
-//! (the agent did not accept it after retries), `dropped` (buffer full, or
-//! alone over the payload cap) or is still `queued`.
+//! Accounting: every item written ends in exactly one of `sent`, `failed`
+//! (refused for good: a 4xx other than 408/429), `dropped` (buffer full,
+//! alone over the payload cap, or evicted to make room) or is still
+//! `queued` (waiting or in flight).
 //!
-//! Fork: `pause` lets an in-flight batch finish for a short grace, then
-//! cancels it and puts it back at the front of the queue, so nothing is
-//! lost. In a child the queue is emptied: those items belong to the parent,
-//! which sends them.
+//! Outages lose nothing that fits: items whose send failed in a way that
+//! can succeed later (agent down, timeout, 408/429/5xx) go back to the
+//! front of the buffer, in order, and the flusher tries again after a
+//! capped, jittered backoff, for as long as it takes. When new items need
+//! the room meanwhile, the oldest are dropped (counted). A full buffer
+//! drops the new item (the oldest are closest to being sent).
+//!
+//! Fork: `pause` stops retries and lets the attempt in flight finish (up to
+//! its timeout), so a batch is neither cut off mid-request nor sent twice;
+//! only an attempt that outlives that bound is cancelled and put back
+//! (counted in `timed_out`: it may have arrived). In a child the queue is
+//! emptied: those items belong to the parent, which sends them.
+//!
+//! A panic in the sink is caught: the batch is counted failed with the
+//! panic's message, logged once, and the flusher carries on. A worker whose
+//! owner is gone ([`BatchWorker::abandon`]) makes one bounded last send of
+//! what it holds, then ends, releasing its sink (and its connections).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,18 +41,25 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{SendReport, TraceExporter};
 use crate::log::ProblemLog;
+use crate::retry::jitter;
 use crate::span::Trace;
 use crate::worker::Worker;
 
 /// Where a batch worker sends its items.
 pub trait BatchSink<T>: Send + Sync + 'static {
     /// Sends `batch` (items are borrowed, so a cancelled send loses none).
-    /// Counts in the report are in items.
+    /// Counts in the report are in items; `retry_from` marks the items to
+    /// keep and send again. Once `stop_retrying` is cancelled the send ends
+    /// after the attempt in flight (see `agent::Post::stop_retrying`).
     fn send(
         &self,
         batch: &[T],
         generation: u64,
+        stop_retrying: &CancellationToken,
     ) -> impl std::future::Future<Output = SendReport> + Send;
+
+    /// How long one attempt may take at most now (bounds `pause`).
+    fn attempt_timeout(&self) -> Duration;
 
     /// Forgets state inherited by a forked child.
     fn reset_in_child(&self) {}
@@ -51,8 +70,13 @@ impl BatchSink<Trace> for Arc<TraceExporter> {
         &self,
         batch: &[Trace],
         generation: u64,
+        stop_retrying: &CancellationToken,
     ) -> impl std::future::Future<Output = SendReport> + Send {
-        TraceExporter::send(self, batch, generation)
+        TraceExporter::send(self, batch, generation, Some(stop_retrying))
+    }
+
+    fn attempt_timeout(&self) -> Duration {
+        TraceExporter::attempt_timeout(self)
     }
 }
 
@@ -61,10 +85,16 @@ pub type TraceWriter = BatchWorker<Trace, Arc<TraceExporter>>;
 
 /// Items sent per request batch at most.
 pub const MAX_BATCH: usize = 1_000;
-/// How long `pause` lets an in-flight batch finish before cancelling it.
-const PAUSE_GRACE: Duration = Duration::from_millis(250);
+/// Added to the attempt timeout while `pause` waits for the flusher.
+const PAUSE_MARGIN: Duration = Duration::from_millis(100);
 /// How long `pause` waits for a cancelled flusher to stop.
 const PAUSE_LIMIT: Duration = Duration::from_secs(1);
+/// First wait before sending kept items again, and the cap of the
+/// exponential backoff (each wait is jittered between half and all of it).
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long an abandoned worker's last send may take.
+const LAST_SEND_LIMIT: Duration = Duration::from_secs(5);
 
 /// Counters of a batch worker. See the module doc for their invariant.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -73,8 +103,16 @@ pub struct WriterStats {
     pub sent: u64,
     pub dropped: u64,
     pub failed: u64,
+    /// Waiting in the buffer or in flight.
     pub queued: u64,
     pub requests: u64,
+    /// Items in requests that timed out after being sent and were sent
+    /// again (or, at fork, put back): the agent may have them twice. Not
+    /// part of the sum above (each such item is also sent, failed, dropped
+    /// or queued).
+    pub timed_out: u64,
+    /// Times items were put back after a retryable failure.
+    pub retries: u64,
 }
 
 #[derive(Default)]
@@ -84,11 +122,15 @@ struct Counters {
     dropped: AtomicU64,
     failed: AtomicU64,
     requests: AtomicU64,
+    timed_out: AtomicU64,
+    retries: AtomicU64,
 }
 
 #[derive(Default)]
 struct Control {
     stop: Option<CancellationToken>,
+    /// Cancelled by `pause`: no new attempt starts.
+    stop_retrying: Option<CancellationToken>,
     running: bool,
 }
 
@@ -110,9 +152,13 @@ pub struct BatchWorker<T, S> {
     /// Sequence number up to which a previous `flush` already reported.
     flushed_upto: AtomicU64,
     counters: Counters,
+    /// Items taken from the queue by the flusher and not yet accounted.
+    in_flight: AtomicU64,
     wake: Notify,
     pausing: AtomicBool,
     stopped: AtomicBool,
+    /// The owner is gone: send what is held once, then end.
+    abandoned: AtomicBool,
     control: Mutex<Control>,
     idle: Condvar,
     log: ProblemLog,
@@ -141,9 +187,11 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
             lost_max: AtomicU64::new(0),
             flushed_upto: AtomicU64::new(0),
             counters: Counters::default(),
+            in_flight: AtomicU64::new(0),
             wake: Notify::new(),
             pausing: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             control: Mutex::new(Control::default()),
             idle: Condvar::new(),
             log: ProblemLog::new(what),
@@ -191,8 +239,10 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
             sent: c.sent.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
-            queued: self.queue().len() as u64,
+            queued: self.queue().len() as u64 + self.in_flight.load(Ordering::Acquire),
             requests: c.requests.load(Ordering::Relaxed),
+            timed_out: c.timed_out.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
         }
     }
 
@@ -206,15 +256,31 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
     /// any of them, since the previous flush, failed or was dropped). Await
     /// it under a timeout, on the runtime.
     pub fn flush(self: &Arc<Self>) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let ticket = self.flush_ticket();
+        self.flushed(ticket)
+    }
+
+    /// What a flush started now waits for; see [`BatchWorker::flushed`].
+    pub fn flush_ticket(&self) -> FlushTicket {
         let target = self.accepted_max.load(Ordering::Acquire);
         let upto = self.seq.load(Ordering::Acquire);
         let floor = self.flushed_upto.swap(upto, Ordering::AcqRel);
         self.wake.notify_one();
+        FlushTicket { target, floor }
+    }
+
+    /// Resolves to the outcome of the flush `ticket` stands for. A flush
+    /// whose wait was abandoned by a fork waits again with the same ticket
+    /// on the next runtime, so it reports the truth.
+    pub fn flushed(
+        self: &Arc<Self>,
+        ticket: FlushTicket,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
         let mut done = self.done.subscribe();
         let this = self.clone();
         async move {
-            let reached = done.wait_for(|d| *d >= target).await.is_ok();
-            reached && this.lost_max.load(Ordering::Acquire) <= floor
+            let reached = done.wait_for(|d| *d >= ticket.target).await.is_ok();
+            reached && this.lost_max.load(Ordering::Acquire) <= ticket.floor
         }
     }
 
@@ -222,77 +288,190 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
     /// writes are dropped. Call after a flush.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
-        if let Some(t) = self.control().stop.take() {
+        let mut ctl = self.control();
+        for t in [ctl.stop.take(), ctl.stop_retrying.take()]
+            .into_iter()
+            .flatten()
+        {
             t.cancel();
         }
     }
 
-    fn take_batch(&self) -> (Vec<T>, u64) {
-        let mut q = self.queue();
-        let n = q.len().min(MAX_BATCH);
-        let mut last = 0;
-        let batch = q
-            .drain(..n)
-            .map(|(seq, t)| {
-                last = seq;
-                t
-            })
-            .collect();
-        (batch, last)
+    /// The owner is gone (its Ruby object was collected without `stop`):
+    /// the flusher makes one last send of what it holds (bounded by
+    /// `LAST_SEND_LIMIT`, no retries), then ends and releases the sink.
+    /// Later writes are dropped.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+        self.stopped.store(true, Ordering::Release);
+        self.wake.notify_one();
     }
 
-    fn requeue_front(&self, batch: Vec<T>, last_seq: u64) {
+    /// Takes the next batch out of the queue, with each item's sequence
+    /// number (the numbers are increasing, not always consecutive: dropped
+    /// writes took numbers too).
+    fn take_batch(&self) -> (Vec<T>, Vec<u64>) {
         let mut q = self.queue();
-        let first = last_seq + 1 - batch.len() as u64;
-        for (i, t) in batch.into_iter().enumerate().rev() {
-            q.push_front((first + i as u64, t));
+        let n = q.len().min(MAX_BATCH);
+        self.in_flight.store(n as u64, Ordering::Release);
+        q.drain(..n).map(|(seq, t)| (t, seq)).unzip()
+    }
+
+    /// Puts `batch` back at the front of the queue, in order. If the queue
+    /// then holds more than its capacity, the oldest items are dropped.
+    fn requeue_front(&self, batch: Vec<T>, seqs: &[u64]) {
+        let mut q = self.queue();
+        for (t, seq) in batch.into_iter().zip(seqs).rev() {
+            q.push_front((*seq, t));
+        }
+        let mut evicted = 0;
+        let mut last = 0;
+        while q.len() > self.capacity {
+            if let Some((seq, _)) = q.pop_front() {
+                evicted += 1;
+                last = seq;
+            }
+        }
+        self.in_flight.store(0, Ordering::Release);
+        drop(q);
+        if evicted > 0 {
+            self.counters.dropped.fetch_add(evicted, Ordering::Relaxed);
+            self.lost_max.fetch_max(last, Ordering::AcqRel);
+            self.done.send_modify(|d| *d = (*d).max(last));
         }
     }
 
-    fn account(&self, report: &SendReport, last_seq: u64) {
+    /// Counts what a send did and puts back what is to be sent again.
+    /// Returns whether anything was put back.
+    fn account(&self, report: &SendReport, mut batch: Vec<T>, seqs: &[u64]) -> bool {
         let c = &self.counters;
+        let kept = report
+            .retry_from
+            .map_or(0, |i| batch.len() - i.min(batch.len()));
         c.sent
             .fetch_add(report.trace_count as u64, Ordering::Relaxed);
-        c.failed
-            .fetch_add(report.failed_traces as u64, Ordering::Relaxed);
+        let failed = (report.failed_traces - kept.min(report.failed_traces)) as u64;
+        c.failed.fetch_add(failed, Ordering::Relaxed);
         c.dropped
             .fetch_add(report.oversized_traces as u64, Ordering::Relaxed);
         c.requests
             .fetch_add(report.requests as u64, Ordering::Relaxed);
-        if report.failed_traces > 0 || report.oversized_traces > 0 {
-            self.lost_max.fetch_max(last_seq, Ordering::AcqRel);
+        c.timed_out
+            .fetch_add(report.timed_out_traces as u64, Ordering::Relaxed);
+        let settled = seqs.len() - kept;
+        let settled_max = settled.checked_sub(1).map(|i| seqs[i]);
+        if let Some(last) = settled_max {
+            if failed > 0 || report.oversized_traces > 0 {
+                self.lost_max.fetch_max(last, Ordering::AcqRel);
+            }
         }
-        self.done.send_modify(|d| *d = (*d).max(last_seq));
+        if kept > 0 {
+            c.retries.fetch_add(1, Ordering::Relaxed);
+            let again = batch.split_off(settled);
+            self.requeue_front(again, &seqs[settled..]);
+        } else {
+            self.in_flight.store(0, Ordering::Release);
+        }
+        if let Some(last) = settled_max {
+            self.done.send_modify(|d| *d = (*d).max(last));
+        }
         self.log.outcome(report.error.as_deref());
+        kept > 0
     }
 
-    async fn run(self: Arc<Self>, stop: CancellationToken, generation: u64) {
+    /// Sends one batch, with any panic in the sink turned into a failed
+    /// report (the flusher must outlive a bug).
+    fn send_batch<'a>(
+        &'a self,
+        batch: &'a [T],
+        generation: u64,
+        stop_retrying: &'a CancellationToken,
+    ) -> impl std::future::Future<Output = SendReport> + Send + 'a {
+        let count = batch.len();
+        let send = CatchUnwind(Box::pin(self.sink.send(batch, generation, stop_retrying)));
+        async move {
+            send.await.unwrap_or_else(|msg| {
+                SendReport::failed(count, format!("internal error (panic): {msg}"))
+            })
+        }
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        stop: CancellationToken,
+        stop_retrying: CancellationToken,
+        generation: u64,
+    ) {
+        // Marks the flusher idle however the task ends (a panic included).
+        struct Idle<'a, T: Send + 'static, S: BatchSink<T>>(&'a BatchWorker<T, S>);
+        impl<T: Send + 'static, S: BatchSink<T>> Drop for Idle<'_, T, S> {
+            fn drop(&mut self) {
+                self.0.control().running = false;
+                self.0.idle.notify_all();
+            }
+        }
+        let _idle = Idle(&self);
+        // Consecutive sends that had to keep items back.
+        let mut failures: u32 = 0;
         'outer: loop {
+            let wait = match failures {
+                0 => self.flush_interval,
+                n => backoff(n),
+            };
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.flush_interval) => {}
+                // While backing off, writes and flush requests do not cut
+                // the wait short: the agent is not ready.
+                _ = self.wake.notified(), if failures == 0 => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if self.abandoned.load(Ordering::Acquire) {
+                self.last_send(generation).await;
+                break;
             }
             while !self.pausing.load(Ordering::Acquire) {
-                let (batch, last_seq) = self.take_batch();
+                let (batch, seqs) = self.take_batch();
                 if batch.is_empty() {
                     break;
                 }
                 let report = tokio::select! {
-                    r = self.sink.send(&batch, generation) => r,
+                    r = self.send_batch(&batch, generation, &stop_retrying) => r,
                     _ = stop.cancelled() => {
-                        self.requeue_front(batch, last_seq);
+                        // Cut off mid-request (fork past the pause bound,
+                        // or stop): kept, and it may have arrived.
+                        self.counters.timed_out.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        self.requeue_front(batch, &seqs);
                         break 'outer;
                     }
                 };
-                self.account(&report, last_seq);
+                if self.account(&report, batch, &seqs) {
+                    failures = failures.saturating_add(1);
+                    continue 'outer;
+                }
+                failures = 0;
             }
             if self.pausing.load(Ordering::Acquire) {
                 break;
             }
         }
-        self.control().running = false;
-        self.idle.notify_all();
+    }
+
+    /// One bounded pass over what an abandoned worker holds.
+    async fn last_send(&self, generation: u64) {
+        let never = CancellationToken::new();
+        let _ = tokio::time::timeout(LAST_SEND_LIMIT, async {
+            loop {
+                let (batch, seqs) = self.take_batch();
+                if batch.is_empty() {
+                    break;
+                }
+                let report = self.send_batch(&batch, generation, &never).await;
+                if self.account(&report, batch, &seqs) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     fn wait_idle(&self, limit: Duration) -> bool {
@@ -311,23 +490,31 @@ impl<T: Send + 'static, S: BatchSink<T>> Worker for BatchWorker<T, S> {
             return;
         }
         let token = CancellationToken::new();
+        let stop_retrying = CancellationToken::new();
         {
             let mut ctl = self.control();
             if ctl.running {
                 return;
             }
             ctl.stop = Some(token.clone());
+            ctl.stop_retrying = Some(stop_retrying.clone());
             ctl.running = true;
         }
         self.pausing.store(false, Ordering::Release);
         let generation = crate::runtime::generation();
-        handle.spawn(self.run(token, generation));
+        handle.spawn(self.run(token, stop_retrying, generation));
     }
 
+    /// Lets the attempt in flight finish (up to its timeout), with no
+    /// retry after it; past that bound the attempt is cancelled and its
+    /// batch put back (counted as possibly arrived).
     fn pause(&self) {
         self.pausing.store(true, Ordering::Release);
+        if let Some(t) = self.control().stop_retrying.take() {
+            t.cancel();
+        }
         self.wake.notify_one();
-        if !self.wait_idle(PAUSE_GRACE) {
+        if !self.wait_idle(self.sink.attempt_timeout() + PAUSE_MARGIN) {
             if let Some(t) = self.control().stop.take() {
                 t.cancel();
             }
@@ -352,6 +539,9 @@ impl<T: Send + 'static, S: BatchSink<T>> Worker for BatchWorker<T, S> {
             &self.counters.dropped,
             &self.counters.failed,
             &self.counters.requests,
+            &self.counters.timed_out,
+            &self.counters.retries,
+            &self.in_flight,
             &self.seq,
             &self.accepted_max,
             &self.lost_max,
@@ -362,5 +552,44 @@ impl<T: Send + 'static, S: BatchSink<T>> Worker for BatchWorker<T, S> {
         self.done.send_replace(0);
         self.log.reset();
         self.sink.reset_in_child();
+    }
+}
+
+/// What a flush waits for: every item up to `target` settled, and nothing
+/// lost after `floor` (the previous flush's reach).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushTicket {
+    target: u64,
+    floor: u64,
+}
+
+/// The wait before sending kept items again, after `failures` sends in a
+/// row had to keep some: exponential from `BACKOFF_BASE`, capped at
+/// `BACKOFF_MAX`, jittered between half and all of it.
+fn backoff(failures: u32) -> Duration {
+    let step = BACKOFF_BASE
+        .saturating_mul(
+            1u32.checked_shl(failures.saturating_sub(1))
+                .unwrap_or(u32::MAX),
+        )
+        .min(BACKOFF_MAX);
+    step.mul_f64(0.5 + 0.5 * jitter())
+}
+
+/// A future whose panic becomes `Err(message)` instead of unwinding.
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(p) => p.map(Ok),
+            Err(p) => std::task::Poll::Ready(Err(crate::log::panic_message(&*p))),
+        }
     }
 }

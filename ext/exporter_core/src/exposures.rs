@@ -20,6 +20,7 @@ use crate::encode::{MapOf, SeqOf};
 use crate::http::{Client, Endpoint, UrlError};
 use crate::retry::RetryPolicy;
 use crate::span::AttributeValue;
+use tokio_util::sync::CancellationToken;
 
 /// The EVP proxy path for exposures.
 pub const EXPOSURES_PATH: &str = "/evp_proxy/v2/api/v2/exposures";
@@ -220,13 +221,14 @@ impl Serialize for Context {
 }
 
 /// JSON bodies `{"context":{..},"exposures":[..]}`, each at most `cap`
-/// bytes, and how many exposures each holds; plus the exposures that alone
-/// exceed the cap (dropped).
+/// bytes, with how many exposures each holds and the index in `events`
+/// just past its last one; plus the exposures that alone exceed the cap
+/// (dropped).
 pub fn encode(
     context: &Context,
     events: &[Exposure],
     cap: usize,
-) -> (Vec<(Vec<u8>, usize)>, usize) {
+) -> (Vec<(Vec<u8>, usize, usize)>, usize) {
     let mut head = b"{\"context\":".to_vec();
     // Serialising strings and numbers cannot fail.
     let _ = serde_json::to_writer(&mut head, context);
@@ -236,7 +238,7 @@ pub fn encode(
     let mut oversized = 0;
     let mut body = head.clone();
     let mut count = 0;
-    for e in events {
+    for (i, e) in events.iter().enumerate() {
         let before = body.len();
         if count > 0 {
             body.push(b',');
@@ -249,7 +251,7 @@ pub fn encode(
         body.truncate(before);
         if count > 0 {
             body.extend_from_slice(TAIL);
-            out.push((std::mem::replace(&mut body, head.clone()), count));
+            out.push((std::mem::replace(&mut body, head.clone()), count, i));
             count = 0;
             let _ = serde_json::to_writer(&mut body, e);
             if body.len() + TAIL.len() <= cap {
@@ -262,7 +264,7 @@ pub fn encode(
     }
     if count > 0 {
         body.extend_from_slice(TAIL);
-        out.push((body, count));
+        out.push((body, count, events.len()));
     }
     (out, oversized)
 }
@@ -318,7 +320,12 @@ impl EvpSink {
 }
 
 impl BatchSink<Exposure> for EvpSink {
-    async fn send(&self, batch: &[Exposure], generation: u64) -> SendReport {
+    async fn send(
+        &self,
+        batch: &[Exposure],
+        generation: u64,
+        stop_retrying: &CancellationToken,
+    ) -> SendReport {
         let deadline = Instant::now() + self.deadline;
         let (bodies, oversized) = encode(&self.context, batch, self.max_payload);
         let mut report = SendReport {
@@ -342,19 +349,40 @@ impl BatchSink<Exposure> for EvpSink {
             headers: &headers,
             timeout: self.timeout,
             retry: &self.retry,
+            stop_retrying: Some(stop_retrying),
         };
-        for (body, count) in bodies {
-            if post
-                .send(Bytes::from(body), deadline, &mut report)
-                .await
-                .is_some()
-            {
-                report.trace_count += count;
-            } else {
-                report.failed_traces += count;
+        // Index just past the previous body: where a retry starts.
+        let mut start = 0;
+        let mut in_bodies = 0;
+        for (body, count, end) in bodies {
+            match post.send(Bytes::from(body), deadline, &mut report).await {
+                Ok(_) => report.trace_count += count,
+                Err(u) if u.retryable => {
+                    // Kept for later, from this body on; exposures found
+                    // oversized from here on are counted when met again.
+                    report.retry_from = Some(start);
+                    report.failed_traces += batch.len() - start;
+                    report.oversized_traces = start - in_bodies;
+                    if u.maybe_arrived {
+                        report.timed_out_traces += count;
+                    }
+                    break;
+                }
+                Err(u) => {
+                    report.failed_traces += count;
+                    if u.maybe_arrived {
+                        report.timed_out_traces += count;
+                    }
+                }
             }
+            in_bodies += count;
+            start = end;
         }
         report
+    }
+
+    fn attempt_timeout(&self) -> Duration {
+        self.client.attempt_timeout(self.timeout)
     }
 
     fn reset_in_child(&self) {
@@ -497,7 +525,7 @@ mod tests {
         let (bodies, oversized) = encode(&ctx, &events, 2_000);
         assert_eq!(oversized, 1);
         let mut ids = Vec::new();
-        for (body, count) in &bodies {
+        for (body, count, _) in &bodies {
             assert!(body.len() <= 2_000);
             let v: serde_json::Value = serde_json::from_slice(body).unwrap();
             let list = v["exposures"].as_array().unwrap();

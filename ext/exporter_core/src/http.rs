@@ -36,8 +36,21 @@ impl std::error::Error for UrlError {}
 
 impl Endpoint {
     /// Parses `http://host[:port][/]` or `unix:///absolute/path`.
+    ///
+    /// Rejected, with the reason: other schemes, whitespace or control
+    /// characters anywhere (a trailing newline from an environment variable
+    /// is the usual culprit), a host that is not a hostname or an IP
+    /// address, a port out of range, and credentials (`user:pass@`), which
+    /// the agent never needs: they are not echoed in the error, which shows
+    /// the URL with them masked.
     pub fn parse(url: &str) -> Result<Endpoint, UrlError> {
-        let bad = |why: &str| UrlError(format!("invalid agent url {url:?}: {why}"));
+        let bad = |why: &str| UrlError(format!("invalid agent url {:?}: {why}", redact(url)));
+        if let Some(c) = url.chars().find(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad(&format!(
+                "contains whitespace or a control character ({:?})",
+                c
+            )));
+        }
         if let Some(path) = url.strip_prefix("unix://") {
             if !path.starts_with('/') {
                 return Err(bad("a unix socket path must be absolute (unix:///path)"));
@@ -47,21 +60,41 @@ impl Endpoint {
         let rest = url
             .strip_prefix("http://")
             .ok_or_else(|| bad("scheme must be http:// or unix://"))?;
-        let authority = rest.split('/').next().unwrap_or_default();
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if authority.contains('@') {
+            return Err(bad("credentials (user:password@) are not supported"));
+        }
         if authority.is_empty() {
             return Err(bad("missing host"));
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
-            (h.to_owned(), after.strip_prefix(':'))
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h.to_owned(), Some(p)),
-                None => (authority.to_owned(), None),
+            if h.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(bad("invalid IPv6 address"));
             }
+            match after {
+                "" => (h.to_owned(), None),
+                _ => (
+                    h.to_owned(),
+                    Some(after.strip_prefix(':').ok_or_else(|| bad("invalid port"))?),
+                ),
+            }
+        } else {
+            let (h, p) = match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            };
+            if !valid_hostname(h) {
+                return Err(bad("invalid host"));
+            }
+            (h.to_owned(), p)
         };
         let port = match port {
-            Some(p) => p.parse().map_err(|_| bad("invalid port"))?,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| bad("invalid port"))?,
             None => 80,
         };
         Ok(Endpoint::Tcp { host, port })
@@ -86,25 +119,60 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// A hostname (RFC 1123 labels; `_` tolerated, as resolvers do) or an
+/// IPv4 address.
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// `url` with any credentials (`user:pass@`) masked, for messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
 /// Why one request failed before any status came back.
 #[derive(Debug)]
 pub enum RequestError {
     Connect(std::io::Error),
-    /// The request did not complete within its timeout.
-    Timeout,
+    /// The request did not complete within its timeout. `sent`: the
+    /// connection was up and the request was being written or answered, so
+    /// the server may have processed it.
+    Timeout {
+        sent: bool,
+    },
     /// The connection broke or the server spoke bad HTTP.
     Http(hyper::Error),
     /// The runtime could not be used.
     Runtime(crate::runtime::RuntimeError),
+    /// The request could not be built (a header the caller did not check).
+    Build(hyper::http::Error),
 }
 
 impl std::fmt::Display for RequestError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RequestError::Connect(e) => write!(f, "connect failed: {e}"),
-            RequestError::Timeout => f.write_str("timed out"),
+            RequestError::Timeout { .. } => f.write_str("timed out"),
             RequestError::Http(e) => write!(f, "http error: {e}"),
             RequestError::Runtime(e) => e.fmt(f),
+            RequestError::Build(e) => write!(f, "invalid request: {e}"),
         }
     }
 }
@@ -129,11 +197,19 @@ struct Pool {
     idle: Vec<SendRequest<Full<Bytes>>>,
 }
 
+/// Largest factor by which a slow agent stretches the attempt timeout.
+const MAX_TIMEOUT_SCALE: u32 = 8;
+
 /// A keep-alive client for one endpoint.
 pub struct Client {
     endpoint: Endpoint,
     host_header: String,
     pool: Mutex<Pool>,
+    /// How many times the configured attempt timeout an attempt gets now:
+    /// doubled when a request times out after it was sent (the agent is
+    /// slow, not gone), halved back on each success, so retries against a
+    /// slow agent converge instead of timing out forever.
+    timeout_scale: std::sync::atomic::AtomicU32,
 }
 
 impl Client {
@@ -145,7 +221,28 @@ impl Client {
                 generation: 0,
                 idle: Vec::new(),
             }),
+            timeout_scale: std::sync::atomic::AtomicU32::new(1),
         }
+    }
+
+    /// The timeout of the next attempt, given the configured one.
+    pub fn attempt_timeout(&self, configured: Duration) -> Duration {
+        configured.saturating_mul(
+            self.timeout_scale
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    fn note_speed(&self, result: &Result<HttpResponse, RequestError>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let scale = &self.timeout_scale;
+        let _ = match result {
+            Err(RequestError::Timeout { sent: true }) => {
+                scale.fetch_update(Relaxed, Relaxed, |s| Some((s * 2).min(MAX_TIMEOUT_SCALE)))
+            }
+            Ok(_) => scale.fetch_update(Relaxed, Relaxed, |s| Some((s / 2).max(1))),
+            Err(_) => Ok(0),
+        };
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -225,12 +322,27 @@ impl Client {
         body: Bytes,
         timeout: Duration,
     ) -> Result<HttpResponse, RequestError> {
-        tokio::time::timeout(timeout, self.post_inner(generation, path, headers, body))
-            .await
-            .unwrap_or(Err(RequestError::Timeout))
+        let sent = std::sync::atomic::AtomicBool::new(false);
+        let result = tokio::time::timeout(
+            timeout,
+            self.post_inner(generation, path, headers, body, &sent),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(RequestError::Timeout {
+                sent: sent.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        });
+        self.note_speed(&result);
+        result
     }
 
-    fn request(&self, path: &str, headers: &[(&str, &str)], body: Bytes) -> Request<Full<Bytes>> {
+    fn request(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, RequestError> {
         let mut builder = Request::post(path)
             .header("Host", &self.host_header)
             .header("Content-Length", body.len());
@@ -238,10 +350,9 @@ impl Client {
             builder = builder.header(*k, *v);
         }
         // Header names are constants and values are checked by the caller
-        // (`crate::agent`), so building cannot fail.
-        builder
-            .body(Full::new(body))
-            .expect("request parts are valid")
+        // (`crate::agent`); should one slip through, the request fails
+        // (reported, never retried) rather than panicking the sender.
+        builder.body(Full::new(body)).map_err(RequestError::Build)
     }
 
     async fn post_inner(
@@ -250,19 +361,21 @@ impl Client {
         path: &str,
         headers: &[(&str, &str)],
         body: Bytes,
+        sent: &std::sync::atomic::AtomicBool,
     ) -> Result<HttpResponse, RequestError> {
-        let req = self.request(path, headers, body.clone());
+        let req = self.request(path, headers, body.clone())?;
         let (mut conn, reused) = match self.checkout(generation) {
             Some(c) => (c, true),
             None => (self.connect().await?, false),
         };
+        sent.store(true, std::sync::atomic::Ordering::Relaxed);
         let resp = match conn.send_request(req).await {
             Ok(r) => r,
             // A pooled connection the server closed meanwhile: the request
             // was not processed (hyper reports it before sending), retry once
             // on a fresh connection.
             Err(e) if reused && (e.is_canceled() || e.is_closed() || e.is_incomplete_message()) => {
-                let req = self.request(path, headers, body);
+                let req = self.request(path, headers, body)?;
                 conn = self.connect().await?;
                 conn.send_request(req).await.map_err(RequestError::Http)?
             }
@@ -333,9 +446,52 @@ mod tests {
             "unix://relative",
             "http://",
             "http://h:99999",
+            "http://h:0",
+            "http://h:",
             "h:1",
+            "http://127.0.0.1:8126\n",
+            " http://127.0.0.1:8126",
+            "http://127.0.0.1 :8126",
+            "unix:///tmp/a b",
+            "http://a\tb:1",
+            "http://a..b:1",
+            "http://-a:1",
+            "http://[::1",
+            "http://[zz]:1",
+            "http://[::1]x",
+            "http://h\u{7f}:1",
         ] {
-            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+            assert!(Endpoint::parse(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(
+            Endpoint::parse("http://agent_1.local:1/x?y").unwrap(),
+            Endpoint::Tcp {
+                host: "agent_1.local".into(),
+                port: 1
+            }
+        );
+        assert_eq!(
+            Endpoint::parse("http://[::1]").unwrap(),
+            Endpoint::Tcp {
+                host: "::1".into(),
+                port: 80
+            }
+        );
+    }
+
+    #[test]
+    fn credentials_are_rejected_and_never_echoed() {
+        for url in [
+            "http://user:secret@127.0.0.1:8126",
+            "http://secret@agent",
+            "http://user:secret@[::1]:1/",
+        ] {
+            let e = Endpoint::parse(url).unwrap_err().to_string();
+            assert!(!e.contains("secret"), "{e}");
+            assert!(e.contains("***@"), "{e}");
+            assert!(e.contains("credentials"), "{e}");
+        }
+        assert_eq!(redact("http://u:p@h:1/a@b"), "http://***@h:1/a@b");
+        assert_eq!(redact("http://h:1"), "http://h:1");
     }
 }

@@ -138,6 +138,17 @@ pub fn after_fork_parent() {
 
 /// Starts afresh in a child. Whatever the parent's runtime owned is leaked.
 pub fn after_fork_child() {
+    start_over(true);
+}
+
+/// Starts afresh in the process that continues after `Process.daemon`:
+/// as in a child, nothing of the old runtime is touched, but the parent
+/// has exited, so background workers keep what they held and send it.
+pub fn after_daemon() {
+    start_over(false);
+}
+
+fn start_over(in_child: bool) {
     let inherited = {
         let mut st = lock();
         st.forking = false;
@@ -147,7 +158,7 @@ pub fn after_fork_child() {
         std::mem::forget(rt);
     }
     GENERATION.fetch_add(1, Ordering::AcqRel);
-    crate::worker::resume_all(true);
+    crate::worker::resume_all(in_child);
 }
 
 #[cfg(test)]
