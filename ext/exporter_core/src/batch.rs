@@ -593,3 +593,177 @@ impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A sink that answers from a script: per call, `Ok` (accept all),
+    /// `Retry` (retryable failure of everything) or `Panic`.
+    #[derive(Clone, Copy, Debug)]
+    enum Step {
+        Ok,
+        Retry,
+        Panic,
+    }
+
+    struct Scripted {
+        steps: Mutex<VecDeque<Step>>,
+        calls: AtomicUsize,
+        delivered: Arc<Mutex<Vec<u32>>>,
+    }
+
+    impl Scripted {
+        fn new(steps: &[Step]) -> Scripted {
+            Scripted {
+                steps: Mutex::new(steps.iter().copied().collect()),
+                calls: AtomicUsize::new(0),
+                delivered: Arc::default(),
+            }
+        }
+    }
+
+    impl BatchSink<u32> for Scripted {
+        async fn send(&self, batch: &[u32], _: u64, _: &CancellationToken) -> SendReport {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let step = self.steps.lock().unwrap().pop_front().unwrap_or(Step::Ok);
+            match step {
+                Step::Ok => {
+                    self.delivered.lock().unwrap().extend_from_slice(batch);
+                    SendReport {
+                        trace_count: batch.len(),
+                        requests: 1,
+                        ..Default::default()
+                    }
+                }
+                Step::Retry => SendReport {
+                    failed_traces: batch.len(),
+                    retry_from: Some(0),
+                    requests: 1,
+                    error: Some("agent down".into()),
+                    ..Default::default()
+                },
+                Step::Panic => panic!("sink bug"),
+            }
+        }
+
+        fn attempt_timeout(&self) -> Duration {
+            Duration::from_millis(100)
+        }
+    }
+
+    fn worker(steps: &[Step], capacity: usize) -> Arc<BatchWorker<u32, Scripted>> {
+        Arc::new(BatchWorker::new(
+            Scripted::new(steps),
+            capacity,
+            capacity,
+            Duration::from_secs(3600),
+            "test worker",
+        ))
+    }
+
+    fn flush(w: &Arc<BatchWorker<u32, Scripted>>) -> bool {
+        let (h, _) = runtime::handle().unwrap();
+        let f = w.flush();
+        h.block_on(async { tokio::time::timeout(Duration::from_secs(10), f).await })
+            .unwrap_or(false)
+    }
+
+    fn adds_up(s: &WriterStats) -> bool {
+        s.written == s.sent + s.failed + s.dropped + s.queued
+    }
+
+    #[test]
+    fn retryable_failures_are_kept_in_order_and_sent_once() {
+        let _g = runtime::tests::LIFECYCLE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let w = worker(&[Step::Retry, Step::Retry, Step::Ok], 100);
+        crate::worker::register(&w).unwrap();
+        for i in 0..10 {
+            assert!(w.write(i));
+        }
+        assert!(flush(&w));
+        assert_eq!(
+            *w.sink().delivered.lock().unwrap(),
+            (0..10).collect::<Vec<_>>()
+        );
+        let s = w.stats();
+        assert_eq!((s.sent, s.failed, s.dropped, s.queued), (10, 0, 0, 0));
+        assert_eq!(s.retries, 2);
+        assert!(adds_up(&s));
+        w.stop();
+    }
+
+    #[test]
+    fn kept_items_give_way_to_new_ones_oldest_first() {
+        let _g = runtime::tests::LIFECYCLE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let w = worker(&[Step::Retry], 5);
+        let items: Vec<u32> = (0..5).collect();
+        // Taken as a batch, then written over while "in flight".
+        for i in &items {
+            w.write(*i);
+        }
+        let (batch, seqs) = w.take_batch();
+        for i in 5..8 {
+            assert!(w.write(i));
+        }
+        assert_eq!(w.stats().queued, 8);
+        let report = SendReport {
+            failed_traces: 5,
+            retry_from: Some(0),
+            ..Default::default()
+        };
+        assert!(w.account(&report, batch, &seqs));
+        let s = w.stats();
+        // Capacity 5: the three oldest kept items were dropped.
+        assert_eq!((s.dropped, s.queued, s.failed), (3, 5, 0));
+        assert!(adds_up(&s));
+        let left: Vec<u32> = w.queue().iter().map(|(_, t)| *t).collect();
+        assert_eq!(left, vec![3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn a_panicking_sink_fails_the_batch_and_the_worker_carries_on() {
+        let _g = runtime::tests::LIFECYCLE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let w = worker(&[Step::Panic, Step::Ok], 100);
+        crate::worker::register(&w).unwrap();
+        w.write(1);
+        assert!(!flush(&w));
+        assert!(w.last_error().unwrap().contains("sink bug"));
+        w.write(2);
+        assert!(flush(&w));
+        let s = w.stats();
+        assert_eq!((s.written, s.sent, s.failed), (2, 1, 1));
+        assert!(adds_up(&s));
+        assert_eq!(*w.sink().delivered.lock().unwrap(), vec![2]);
+        w.stop();
+    }
+
+    #[test]
+    fn an_abandoned_worker_sends_what_it_holds_then_ends() {
+        let _g = runtime::tests::LIFECYCLE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let w = worker(&[], 100);
+        crate::worker::register(&w).unwrap();
+        w.write(7);
+        let weak = Arc::downgrade(&w);
+        let delivered = w.sink().delivered.clone();
+        w.abandon();
+        assert!(!w.write(8), "writes after abandon are dropped");
+        drop(w);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while weak.strong_count() > 0 {
+            assert!(std::time::Instant::now() < deadline, "worker not released");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(*delivered.lock().unwrap(), vec![7]);
+    }
+}
