@@ -1,5 +1,6 @@
 # frozen_string_literal: true
 
+require "msgpack"
 require "socket"
 
 # A tiny HTTP/1.1 server of our own, for what the test agent cannot do:
@@ -12,9 +13,11 @@ class ScriptedServer
 
   attr_reader :requests, :port
 
-  def initialize(&script)
+  # `port: 0` picks a free port; give the port of a closed server to
+  # restart "the agent" where clients expect it.
+  def initialize(port: 0, &script)
     @script = script
-    @server = TCPServer.new("127.0.0.1", 0)
+    @server = TCPServer.new("127.0.0.1", port)
     @port = @server.addr[1]
     @requests = Queue.new
     @count = 0
@@ -30,6 +33,14 @@ class ScriptedServer
     list << @requests.pop until @requests.empty?
     list.each { |r| @requests << r }
     list
+  end
+
+  # Trace ids of every trace in the v0.4 bodies of `requests` (all
+  # received by default), in order (a trace sent twice appears twice).
+  def trace_ids(requests = received)
+    requests.select { |r| r.path == "/v0.4/traces" }.flat_map do |r|
+      MessagePack.unpack(r.body).map { |trace| trace.first["trace_id"] }
+    end
   end
 
   def close

@@ -1,12 +1,47 @@
 //! `Exporter::Native`: the runtime's fork lifecycle, called by the
 //! transport's at_fork hooks, plus introspection used by the specs.
 
+use std::ffi::c_void;
+
 use exporter_core::runtime;
 use magnus::{function, prelude::*, Error, RModule};
 
+/// `runtime::before_fork` with the GVL released: it waits for background
+/// workers to finish the attempt in flight (up to its timeout), and other
+/// Ruby threads (a server thread answering that request among them) must
+/// not freeze meanwhile. Nothing of Ruby is touched while it runs.
+fn before_fork() {
+    unsafe extern "C" fn run(data: *mut c_void) -> *mut c_void {
+        // SAFETY: `data` is the `bool` of the caller's frame, alive for the
+        // whole call, touched by no one else meanwhile.
+        let ran = unsafe { &mut *(data as *mut bool) };
+        // Never unwind into Ruby's C frames.
+        let _ = std::panic::catch_unwind(runtime::before_fork);
+        *ran = true;
+        std::ptr::null_mut()
+    }
+    let mut ran = false;
+    // SAFETY: v2 (never v1: no longjmp through Rust frames), no unblocking
+    // function: the work is bounded and must not be cut short. `ran` lives
+    // on this frame until the call returns.
+    unsafe {
+        rb_sys::rb_thread_call_without_gvl2(
+            Some(run),
+            std::ptr::addr_of_mut!(ran) as *mut c_void,
+            None,
+            std::ptr::null_mut(),
+        );
+    }
+    if !ran {
+        // An interrupt was pending, so v2 did not run it: the fork must
+        // still find no thread of ours alive.
+        runtime::before_fork();
+    }
+}
+
 pub fn init(module: RModule) -> Result<(), Error> {
     let native = module.define_module("Native")?;
-    native.define_singleton_method("before_fork", function!(runtime::before_fork, 0))?;
+    native.define_singleton_method("before_fork", function!(before_fork, 0))?;
     native.define_singleton_method(
         "after_fork_parent",
         function!(runtime::after_fork_parent, 0),

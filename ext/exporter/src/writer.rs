@@ -115,9 +115,10 @@ where
             // next runtime, for what remains of the timeout.
             Ran::Abandoned if !left.is_zero() => continue,
             Ran::Abandoned => return Ok(false),
-            // Mid-fork (a trap handler): brief pause, then try again.
+            // Mid-fork (the forking thread let us run): sleep without the
+            // GVL so the fork can finish, then wait again.
             Ran::NoRuntime(_) if !left.is_zero() => {
-                std::thread::sleep(std::time::Duration::from_millis(1).min(left))
+                ruby.thread_sleep(std::time::Duration::from_millis(1).min(left))?
             }
             Ran::NoRuntime(_) => return Ok(false),
         }
