@@ -43,7 +43,13 @@ pub fn register<W: Worker + 'static>(worker: &Arc<W>) -> Result<(), crate::runti
         .unwrap_or_else(|p| p.into_inner())
         .push(Arc::downgrade(&worker));
     let running = crate::runtime::is_running();
-    let (handle, _) = crate::runtime::handle()?;
+    let handle = match crate::runtime::handle() {
+        Ok((handle, _)) => handle,
+        // Registered while another thread forks (the fork hooks release
+        // the GVL while they wait): started with the others after it.
+        Err(crate::runtime::RuntimeError::ForkInProgress) => return Ok(()),
+        Err(e) => return Err(e),
+    };
     if running {
         // A runtime that was already up did not see this worker start.
         worker.clone().start(&handle);
