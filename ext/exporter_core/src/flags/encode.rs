@@ -155,12 +155,12 @@ pub fn next_body(
         ..Body::default()
     };
     let mut count = 0;
-    for i in start..rows.len() {
+    for (i, row) in rows.iter_mut().enumerate().skip(start) {
         let before = buf.len();
         if count > 0 {
             buf.push(b',');
         }
-        write_row(&mut buf, &rows[i], timestamp);
+        write_row(&mut buf, row, timestamp);
         if buf.len() + TAIL.len() <= cap {
             count += 1;
             out.end = i + 1;
@@ -172,9 +172,9 @@ pub fn next_body(
         }
         // Alone and too large: degraded, then dropped.
         out.end = i + 1;
-        if !rows[i].key.is_degraded() {
-            rows[i].key.degrade();
-            write_row(&mut buf, &rows[i], timestamp);
+        if !row.key.is_degraded() {
+            row.key.degrade();
+            write_row(&mut buf, row, timestamp);
             if buf.len() + TAIL.len() <= cap {
                 count += 1;
                 out.degraded.push(i);

@@ -538,7 +538,7 @@ impl InFlight<'_> {
             // No status: connect error or timeout.
             let retryable = attempt
                 .status
-                .map_or(true, |s| Attempt::Status(s).is_retryable());
+                .is_none_or(|s| Attempt::Status(s).is_retryable());
             for i in range.filter(|i| body.holds(*i)) {
                 if retryable {
                     self.fates[i] = Fate::Keep;
