@@ -19,6 +19,10 @@ pub const MAX_CHARS: usize = 256;
 /// Nesting levels flattened below the top-level keys: `a.b.c.d.e` is kept,
 /// anything deeper is skipped.
 pub const MAX_DEPTH: usize = 4;
+/// Values (containers included) a capture visits at most: a context
+/// sharing one Hash many times over cannot make the calling thread walk
+/// without bound. Past it, the rest of the context is not captured.
+pub const MAX_CAPTURED_NODES: usize = 65_536;
 
 /// A context value as captured on the calling thread: only the kinds that
 /// can be kept (String and Symbol as `Str`, 64-bit Integer, finite Float,
@@ -31,6 +35,9 @@ pub enum Captured {
     Bool(bool),
     Map(Vec<(String, Captured)>),
     List(Vec<Captured>),
+    /// A list position whose value is not kept (the others keep their
+    /// index).
+    Skipped,
 }
 
 /// A kept value of a pruned context; each keeps its JSON type.
@@ -58,6 +65,7 @@ fn flatten(prefix: String, value: Captured, depth: usize, out: &mut Vec<(String,
         Captured::Float(f) if !f.is_finite() => return,
         Captured::Float(f) => Scalar::Float(f),
         Captured::Bool(b) => Scalar::Bool(b),
+        Captured::Skipped => return,
         Captured::Map(fields) => {
             if depth < MAX_DEPTH {
                 for (k, v) in fields {
@@ -286,7 +294,7 @@ mod tests {
             vec![
                 ("a.b.c.d.e".into(), Scalar::Int(5)),
                 ("list.0".into(), Scalar::Str("x".into())),
-                ("list.1".into(), Scalar::Bool(true)),
+                ("list.2".into(), Scalar::Bool(true)),
                 ("n".into(), Scalar::Float(1.5)),
             ]
         );

@@ -81,6 +81,8 @@ pub struct Stats {
     pub requests: u64,
     /// Panics caught in the worker.
     pub panics: u64,
+    /// Evaluations the OpenFeature hook could not record.
+    pub hook_failures: u64,
 }
 
 #[derive(Default)]
@@ -92,6 +94,7 @@ struct Counters {
     failed: AtomicU64,
     requests: AtomicU64,
     panics: AtomicU64,
+    hook_failures: AtomicU64,
     /// Evaluations taken from the queue: aggregated or in flight.
     held: AtomicU64,
 }
@@ -210,10 +213,12 @@ impl EvaluationWorker {
         true
     }
 
-    /// Counts a problem met before anything could be recorded (the
-    /// OpenFeature hook's failures): logged once per distinct problem.
-    pub fn note_problem(&self, problem: &str) {
-        self.log.outcome(Some(problem));
+    /// Counts an evaluation the OpenFeature hook could not record
+    /// (`problem` is logged once while it lasts).
+    pub fn hook_failed(&self, problem: &str) {
+        self.counters.hook_failures.fetch_add(1, Ordering::Relaxed);
+        self.log
+            .outcome(Some(&format!("OpenFeature hook failed: {problem}")));
     }
 
     pub fn stats(&self) -> Stats {
@@ -228,6 +233,7 @@ impl EvaluationWorker {
             pending: queued + c.held.load(Ordering::Relaxed),
             requests: c.requests.load(Ordering::Relaxed),
             panics: c.panics.load(Ordering::Relaxed),
+            hook_failures: c.hook_failures.load(Ordering::Relaxed),
         }
     }
 
@@ -643,6 +649,7 @@ impl Worker for EvaluationWorker {
             &c.failed,
             &c.requests,
             &c.panics,
+            &c.hook_failures,
             &c.held,
             &self.flushes.requested,
             &self.flushes.lost_reported,
