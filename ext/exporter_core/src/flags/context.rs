@@ -282,6 +282,7 @@ mod tests {
                 "list".into(),
                 Captured::List(vec![
                     s("x"),
+                    Captured::Skipped,
                     Captured::Bool(true),
                     Captured::Float(f64::NAN),
                 ]),

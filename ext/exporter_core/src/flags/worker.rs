@@ -95,6 +95,9 @@ struct Counters {
     requests: AtomicU64,
     panics: AtomicU64,
     hook_failures: AtomicU64,
+    /// Dropped by `record` (queue full, stopped); `dropped` is the
+    /// worker's (caps, too large).
+    dropped_on_record: AtomicU64,
     /// Evaluations taken from the queue: aggregated or in flight.
     held: AtomicU64,
 }
@@ -201,7 +204,7 @@ impl EvaluationWorker {
         let mut q = self.queue();
         if q.len() >= self.capacity || self.stopped.load(Ordering::Acquire) {
             drop(q);
-            c.dropped.fetch_add(1, Ordering::Relaxed);
+            c.dropped_on_record.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         q.push(e);
@@ -227,7 +230,8 @@ impl EvaluationWorker {
         Stats {
             recorded: c.recorded.load(Ordering::Relaxed),
             sent: c.sent.load(Ordering::Relaxed),
-            dropped: c.dropped.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed)
+                + c.dropped_on_record.load(Ordering::Relaxed),
             degraded: c.degraded.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
             pending: queued + c.held.load(Ordering::Relaxed),
@@ -242,8 +246,11 @@ impl EvaluationWorker {
         self.log.current()
     }
 
-    fn lost(&self) -> u64 {
-        self.counters.dropped.load(Ordering::Acquire) + self.counters.failed.load(Ordering::Acquire)
+    /// Evaluations lost so far: dropped by `record` up to
+    /// `on_record` (a snapshot), plus everything the worker dropped or failed.
+    fn lost(&self, on_record: u64) -> u64 {
+        let c = &self.counters;
+        on_record + c.dropped.load(Ordering::Acquire) + c.failed.load(Ordering::Acquire)
     }
 
     /// Asks the worker to send every row now; the future resolves to true
@@ -251,6 +258,8 @@ impl EvaluationWorker {
     /// a POST failed or anything since the previous flush was dropped or
     /// failed. Await it under a timeout, on the runtime.
     pub fn flush(self: &Arc<Self>) -> impl Future<Output = bool> + Send + 'static {
+        // Drops by `record` after this call are for the next flush to report.
+        let on_record = self.counters.dropped_on_record.load(Ordering::Acquire);
         let id = self.flushes.requested.fetch_add(1, Ordering::AcqRel) + 1;
         let mut answered = self.flushes.answered.subscribe();
         self.wake.notify_one();
@@ -260,7 +269,7 @@ impl EvaluationWorker {
                 return false;
             };
             let sent_all = answer.1;
-            let lost = this.lost();
+            let lost = this.lost(on_record);
             let before = this.flushes.lost_reported.swap(lost, Ordering::AcqRel);
             sent_all && lost == before
         }
@@ -650,6 +659,7 @@ impl Worker for EvaluationWorker {
             &c.requests,
             &c.panics,
             &c.hook_failures,
+            &c.dropped_on_record,
             &c.held,
             &self.flushes.requested,
             &self.flushes.lost_reported,
