@@ -19,8 +19,10 @@ module Exporter
     # into the application: a failure is counted in
     # `evaluations.stats[:hook_failures]` and logged once.
     class Hook
-      ALLOCATION_KEYS = %w[__dd_allocation_key allocationKey].freeze
-      TIMESTAMP_KEYS = %w[__dd_eval_timestamp_ms dd.eval.timestamp_ms].freeze
+      ALLOCATION_KEY = "__dd_allocation_key"
+      ALLOCATION_KEY_ALT = "allocationKey"
+      TIMESTAMP_KEY = "__dd_eval_timestamp_ms"
+      TIMESTAMP_KEY_ALT = "dd.eval.timestamp_ms"
       CONSENT_KEY = "observe_full_evaluation_data"
       TARGETING_KEY = "targeting_key"
 
@@ -42,18 +44,18 @@ module Exporter
         timestamp = nil
         full = false
         if meta && !meta.empty?
-          allocation = meta[ALLOCATION_KEYS[0]] || meta[ALLOCATION_KEYS[1]]
-          timestamp = meta[TIMESTAMP_KEYS[0]] || meta[TIMESTAMP_KEYS[1]]
+          allocation = meta[ALLOCATION_KEY] || meta[ALLOCATION_KEY_ALT]
+          timestamp = meta[TIMESTAMP_KEY] || meta[TIMESTAMP_KEY_ALT]
           timestamp = nil unless timestamp.is_a?(Integer)
           full = meta[CONSENT_KEY] == true
         end
-        context = hook_context.evaluation_context
-        fields = context&.fields
+        fields = hook_context.evaluation_context&.fields
         targeting_key = fields && fields[TARGETING_KEY]
         variant = evaluation_details.variant
         flag = evaluation_details.flag_key
-        @evaluations._record(flag, variant, allocation, targeting_key, fields, evaluation_details.error_code,
-                             evaluation_details.error_message, timestamp, full, true)
+        # The context is only read with consent: do not hand it over otherwise.
+        @evaluations._record(flag, variant, allocation, targeting_key, full ? fields : nil,
+                             evaluation_details.error_code, evaluation_details.error_message, timestamp, full, true)
         expose(flag, allocation, variant, targeting_key, fields) if @exposures && allocation && variant && targeting_key
         nil
       rescue StandardError => e
