@@ -19,6 +19,8 @@ require_relative "exporter/transport"
 require_relative "exporter/exit_flush"
 require_relative "exporter/writer"
 require_relative "exporter/exposures"
+require_relative "exporter/flag_evaluations"
+require_relative "exporter/open_feature/hook"
 
 # Telemetry export for Ruby processes, with a native core: see README.md.
 module Exporter

@@ -34,6 +34,13 @@ module Exporter
       raise ArgumentError, "DD_TRACE_AGENT_TIMEOUT_SECONDS must be a number (got #{value.inspect})"
     end
 
+    # DD_FLAGGING_EVALUATION_COUNTS_ENABLED: "false" or "0" (any case)
+    # turns flag-evaluation counts off; anything else, or unset, is on.
+    def flag_evaluation_counts_enabled?(env = ENV)
+      value = env.fetch("DD_FLAGGING_EVALUATION_COUNTS_ENABLED", "").strip.downcase
+      !%w[false 0].include?(value)
+    end
+
     def service(env = ENV) = env.fetch("DD_SERVICE", "")
     def env_name(env = ENV) = env.fetch("DD_ENV", "")
     def version(env = ENV) = env.fetch("DD_VERSION", "")

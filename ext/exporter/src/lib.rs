@@ -5,6 +5,7 @@
 //! - `transport`: `Exporter::Transport`
 //! - `writer`: `Exporter::Writer`
 //! - `exposures`: `Exporter::Exposures`
+//! - `flag_evaluations`: `Exporter::FlagEvaluations`
 //! - `native`: `Exporter::Native` (runtime fork lifecycle)
 //! - `convert`: Ruby spans to core spans (the GVL-held part)
 //! - `gvl`: waiting without the GVL, with a cancelling unblock function
@@ -12,6 +13,7 @@
 mod convert;
 mod errors;
 mod exposures;
+mod flag_evaluations;
 mod gvl;
 mod native;
 mod transport;
@@ -26,6 +28,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     transport::init(ruby, module)?;
     writer::init(ruby, module)?;
     exposures::init(ruby, module)?;
+    flag_evaluations::init(ruby, module)?;
     native::init(module)?;
     Ok(())
 }

@@ -5,7 +5,8 @@
 //! splitting ([`split`]), the retry policy ([`retry`]), the HTTP client
 //! ([`http`]), trace sending ([`agent`]), and the process-wide runtime with
 //! its fork lifecycle ([`runtime`], [`worker`]), and asynchronous batching
-//! ([`batch`]) used by the trace writer and feature-flag exposures. The magnus extension only
+//! ([`batch`]) used by the trace writer and feature-flag exposures, and
+//! feature-flag evaluation counts ([`flags`]). The magnus extension only
 //! converts Ruby values into these types and delegates.
 
 pub mod agent;
@@ -13,6 +14,7 @@ pub mod batch;
 pub mod block_on;
 pub mod encode;
 pub mod exposures;
+pub mod flags;
 pub mod http;
 pub mod log;
 pub mod retry;

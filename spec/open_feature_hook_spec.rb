@@ -1,0 +1,119 @@
+# frozen_string_literal: true
+
+require "digest"
+require "forwardable"
+
+# Objects shaped like openfeature-sdk's (>= 0.5.1), without the SDK.
+module SdkShapes
+  ResolutionDetails = Struct.new(:value, :reason, :variant, :error_code, :error_message, :flag_metadata,
+                                 keyword_init: true)
+  EvaluationDetails = Struct.new(:flag_key, :resolution_details, keyword_init: true) do
+    extend Forwardable
+
+    def_delegators :resolution_details, :value, :reason, :variant, :error_code, :error_message, :flag_metadata
+  end
+  HookContext = Struct.new(:flag_key, :flag_value_type, :default_value, :evaluation_context, keyword_init: true)
+
+  class EvaluationContext
+    attr_reader :fields
+
+    def initialize(targeting_key: nil, **fields)
+      @fields = { "targeting_key" => targeting_key }.merge(fields)
+    end
+
+    def targeting_key = fields["targeting_key"]
+  end
+
+  def self.details(flag:, variant: "on", error_code: nil, error_message: nil, metadata: nil)
+    EvaluationDetails.new(flag_key: flag, resolution_details: ResolutionDetails.new(
+      value: true, reason: "TARGETING_MATCH", variant: variant, error_code: error_code,
+      error_message: error_message, flag_metadata: metadata
+    ))
+  end
+
+  def self.hook_context(flag, context)
+    HookContext.new(flag_key: flag, flag_value_type: :boolean, default_value: false, evaluation_context: context)
+  end
+end
+
+RSpec.describe Exporter::OpenFeature::Hook do
+  T1 = 1_760_000_000_000
+
+  let(:server) { @server ||= EvpRecorder.new }
+  let(:evals) { @evals = Exporter::FlagEvaluations.new(url: server.url, flush_interval: 60) }
+
+  after do
+    @evals&.close(timeout: 2)
+    @exposures&.close(timeout: 2)
+    @server&.close
+  end
+
+  def finally(hook, flag:, context:, **details)
+    hook.finally(hook_context: SdkShapes.hook_context(flag, context),
+                 evaluation_details: SdkShapes.details(flag: flag, **details), hints: {})
+  end
+
+  it "counts evaluations, reading metadata and the evaluation context" do
+    hook = described_class.new(evaluations: evals)
+    ctx = SdkShapes::EvaluationContext.new(targeting_key: "user-1", plan: "pro")
+    meta = { "__dd_allocation_key" => "rollout", "__dd_eval_timestamp_ms" => T1 + 7,
+             "observe_full_evaluation_data" => true }
+    2.times { expect(finally(hook, flag: "f", context: ctx, metadata: meta)).to be_nil }
+    finally(hook, flag: "g", context: ctx, metadata: { "allocationKey" => "a2", "dd.eval.timestamp_ms" => T1 })
+    expect(evals.flush(timeout: 5)).to be(true)
+    f, g = server.rows.sort_by { |r| r["flag"]["key"] }
+    expect(f.except("timestamp")).to eq(
+      "flag" => { "key" => "f" }, "variant" => { "key" => "on" }, "allocation" => { "key" => "rollout" },
+      "targeting_key" => "user-1", "context" => { "evaluation" => { "plan" => "pro" } },
+      "first_evaluation" => T1 + 7, "last_evaluation" => T1 + 7, "evaluation_count" => 2
+    )
+    # No consent: hashed targeting key, no context.
+    expect(g.except("timestamp")).to eq(
+      "flag" => { "key" => "g" }, "variant" => { "key" => "on" }, "allocation" => { "key" => "a2" },
+      "targeting_key" => "sha256_#{Digest::SHA256.hexdigest('user-1')}",
+      "first_evaluation" => T1, "last_evaluation" => T1, "evaluation_count" => 1
+    )
+  end
+
+  it "handles a nil evaluation context, nil metadata and FLAG_NOT_FOUND with a nil variant" do
+    hook = described_class.new(evaluations: evals)
+    expect(finally(hook, flag: "missing", context: nil, variant: nil, error_code: "FLAG_NOT_FOUND",
+                         error_message: "flag missing not found", metadata: nil)).to be_nil
+    expect(evals.flush(timeout: 5)).to be(true)
+    row = server.rows.first
+    expect(row).to include("flag" => { "key" => "missing" }, "runtime_default_used" => true,
+                           "error" => { "message" => "FLAG_NOT_FOUND" }, "evaluation_count" => 1)
+    expect(row).not_to have_key("variant")
+    expect(row).not_to have_key("targeting_key")
+    expect(evals.stats).to include(recorded: 1, sent: 1, hook_failures: 0)
+  end
+
+  it "records an exposure when allocation, variant and targeting key are all present" do
+    @exposures = Exporter::Exposures.new(url: server.url, flush_interval: 60)
+    hook = described_class.new(evaluations: evals, exposures: @exposures)
+    ctx = SdkShapes::EvaluationContext.new(targeting_key: "user-9", tier: "gold")
+    finally(hook, flag: "f", context: ctx, metadata: { "__dd_allocation_key" => "a1" })
+    finally(hook, flag: "f", context: ctx, metadata: nil) # no allocation: no exposure
+    finally(hook, flag: "f", context: nil, metadata: { "__dd_allocation_key" => "a1" }) # no targeting key
+    expect(@exposures.flush(timeout: 5)).to be(true)
+    exposures = server.received.select { |r| r.path.end_with?("/exposures") }
+                      .flat_map { |r| JSON.parse(r.body)["exposures"] }
+    expect(exposures.map { |x| [x["subject"]["id"], x["subject"]["attributes"]] }).to eq([["user-9", { "tier" => "gold" }]])
+    expect(@exposures.stats[:recorded]).to eq(1)
+  end
+
+  it "never raises into the application: failures are counted" do
+    hook = described_class.new(evaluations: evals)
+    broken = Object.new
+    def broken.flag_metadata = raise("provider bug")
+    expect(hook.finally(hook_context: SdkShapes.hook_context("f", nil), evaluation_details: broken)).to be_nil
+    expect(finally(hook, flag: nil, context: nil)).to be_nil # a nil flag key raises inside: counted
+    expect(evals.stats).to include(hook_failures: 2, recorded: 0)
+    expect(evals.stats[:last_error]).to include("OpenFeature hook failed")
+  end
+
+  it "checks its arguments" do
+    expect { described_class.new(evaluations: nil) }.to raise_error(ArgumentError, /evaluations/)
+    expect { described_class.new(evaluations: evals, exposures: 1) }.to raise_error(ArgumentError, /exposures/)
+  end
+end
