@@ -12,7 +12,8 @@ require_relative "scripted_server"
 # intake's JSON Schema.
 class EvpRecorder < ScriptedServer
   PATH = "/evp_proxy/v2/api/v2/flagevaluation"
-  SCHEMA_FILE = File.expand_path("../../../shared/schemas/batchedflagevaluations.json", __dir__)
+  # The intake's JSON Schema (a copy of shared/schemas/batchedflagevaluations.json).
+  SCHEMA_FILE = File.expand_path("../fixtures/batchedflagevaluations.json", __dir__)
 
   def self.schema
     @schema ||= JSONSchemer.schema(JSON.parse(File.read(SCHEMA_FILE)))

@@ -43,7 +43,7 @@ use crate::agent::{SendReport, TraceExporter};
 use crate::log::ProblemLog;
 use crate::retry::jitter;
 use crate::span::Trace;
-use crate::worker::Worker;
+use crate::worker::{CatchUnwind, Worker};
 
 /// Where a batch worker sends its items.
 pub trait BatchSink<T>: Send + Sync + 'static {
@@ -372,10 +372,11 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
         } else {
             self.in_flight.store(0, Ordering::Release);
         }
+        // Logged before `done` moves, so a flush that returns sees it.
+        self.log.outcome(report.error.as_deref());
         if let Some(last) = settled_max {
             self.done.send_modify(|d| *d = (*d).max(last));
         }
-        self.log.outcome(report.error.as_deref());
         kept > 0
     }
 
@@ -390,7 +391,8 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
         let count = batch.len();
         let send = CatchUnwind(Box::pin(self.sink.send(batch, generation, stop_retrying)));
         async move {
-            send.await.unwrap_or_else(|msg| {
+            send.await.unwrap_or_else(|panic| {
+                let msg = crate::log::panic_message(&*panic);
                 SendReport::failed(count, format!("internal error (panic): {msg}"))
             })
         }
@@ -574,24 +576,6 @@ fn backoff(failures: u32) -> Duration {
         )
         .min(BACKOFF_MAX);
     step.mul_f64(0.5 + 0.5 * jitter())
-}
-
-/// A future whose panic becomes `Err(message)` instead of unwinding.
-struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
-
-impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
-    type Output = Result<F::Output, String>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let inner = self.0.as_mut();
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(p) => p.map(Ok),
-            Err(p) => std::task::Poll::Ready(Err(crate::log::panic_message(&*p))),
-        }
-    }
 }
 
 #[cfg(test)]

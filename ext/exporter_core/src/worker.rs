@@ -81,6 +81,27 @@ pub(crate) fn resume_all(in_child: bool) {
     }
 }
 
+/// A future whose panic becomes `Err(payload)` instead of unwinding
+/// through the runtime: a bug in one cycle of a worker must not end it.
+/// The future is not polled again after a panic; the caller decides how it
+/// is dropped.
+pub struct CatchUnwind<F>(pub std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(p) => p.map(Ok),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

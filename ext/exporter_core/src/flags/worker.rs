@@ -25,10 +25,8 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -43,8 +41,8 @@ use crate::agent::{Post, SendReport};
 use crate::exposures::Context;
 use crate::http::{Client, Endpoint, UrlError};
 use crate::log::ProblemLog;
-use crate::retry::{Attempt, RetryPolicy};
-use crate::worker::Worker;
+use crate::retry::RetryPolicy;
+use crate::worker::{CatchUnwind, Worker};
 
 /// How long `pause` lets a cycle finish before cancelling it.
 const PAUSE_GRACE: Duration = Duration::from_millis(250);
@@ -502,6 +500,8 @@ impl InFlight<'_> {
             headers: &headers,
             timeout: w.timeout,
             retry: &w.retry,
+            // A fork cancels the cycle; its rows go back (see `InFlight`).
+            stop_retrying: None,
         };
         let timestamp = now_ms();
         let mut sent_all = true;
@@ -535,10 +535,8 @@ impl InFlight<'_> {
                 continue;
             };
             let mut attempt = SendReport::default();
-            let accepted = post
-                .send(Bytes::from(bytes), deadline, &mut attempt)
-                .await
-                .is_some();
+            let outcome = post.send(Bytes::from(bytes), deadline, &mut attempt).await;
+            let accepted = outcome.is_ok();
             report.requests += attempt.requests;
             if let Some(e) = attempt.error {
                 report.note_error(e);
@@ -550,10 +548,7 @@ impl InFlight<'_> {
                 continue;
             }
             sent_all = false;
-            // No status: connect error or timeout.
-            let retryable = attempt
-                .status
-                .is_none_or(|s| Attempt::Status(s).is_retryable());
+            let retryable = outcome.err().is_some_and(|u| u.retryable);
             for i in range.filter(|i| body.holds(*i)) {
                 if retryable {
                     self.fates[i] = Fate::Keep;
@@ -582,24 +577,6 @@ impl Drop for InFlight<'_> {
             } else {
                 w.land(&mut agg, row.key, row.counts, row.tier, true);
             }
-        }
-    }
-}
-
-/// Polls a future, turning a panic into `Err` with its payload. The
-/// future is kept (not polled again) so the caller decides how it is
-/// dropped.
-struct CatchUnwind<F>(Pin<Box<F>>);
-
-impl<F: Future> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        let inner = self.0.as_mut();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
-            Err(panic) => Poll::Ready(Err(panic)),
         }
     }
 }
@@ -675,6 +652,8 @@ impl Worker for EvaluationWorker {
 mod tests {
     use super::*;
     use crate::runtime;
+    use std::pin::Pin;
+    use std::task::{Context as TaskContext, Poll};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
