@@ -376,7 +376,7 @@ fn key_with<R>(ruby: &Ruby, k: Value, f: impl FnOnce(&str) -> R) -> Result<R, Pr
 }
 
 /// A Hash key: String or Symbol.
-fn key(ruby: &Ruby, k: Value) -> Result<String, Problem> {
+pub fn key(ruby: &Ruby, k: Value) -> Result<String, Problem> {
     key_with(ruby, k, str::to_owned)
 }
 
@@ -554,7 +554,7 @@ pub fn hash_iteration(ruby: &Ruby) -> Symbol {
 /// Iterates a Hash without `rb_protect`: the callback must not raise nor
 /// run Ruby code (it only reads values, and every magnus call that could
 /// raise is protected by magnus itself). `f` returns false to stop.
-fn each_pair<F: FnMut(Value, Value) -> bool>(h: RHash, mut f: F) {
+pub fn each_pair<F: FnMut(Value, Value) -> bool>(h: RHash, mut f: F) {
     unsafe extern "C" fn call<F: FnMut(Value, Value) -> bool>(
         k: rb_sys::VALUE,
         v: rb_sys::VALUE,
