@@ -657,7 +657,7 @@ mod tests {
             x ^= x << 17;
             let subject = (x % 13).to_string();
             let variant = ((x >> 8) % 3).to_string();
-            let revert = (x >> 16) % 5 == 0;
+            let revert = (x >> 16).is_multiple_of(5);
             let e = exp("f", &subject, "a", &variant);
             let pos = model.iter().position(|(s, _)| *s == subject);
             let dup = pos.is_some_and(|p| model[p].1 == variant);
