@@ -2,7 +2,8 @@
 
 # One measurement in a fresh process (so peak RSS is its own). Prints one
 # JSON line. Run by bench/bench.rb:
-#   ruby bench/run_one.rb MODE IMPL URL
+#   ruby bench/run_one.rb MODE IMPL URL [IDS]
+# IDS: the workload's id shape, ddtrace | random64 (default; see workload.rb)
 # MODE: alone | contention | paced | kill | fork_system | fork_fork | idle_rss
 # (fork_worker: one side of fork_system / fork_fork, spawned by it)
 # IMPL: baseline | sync | writer | none | gem | ab (fork_*: without, then with the gem)
@@ -11,6 +12,7 @@ require "rbconfig"
 require_relative "workload"
 
 MODE, IMPL, URL = ARGV
+IDS = ARGV.fetch(3, "random64")
 SECONDS = Float(ENV.fetch("BENCH_SECONDS", "1.5"))
 PACE_SPANS_PER_S = 50_000
 WARM_UP_TRACES = 20
@@ -49,7 +51,7 @@ def load_impl(impl = IMPL)
   end
 end
 
-TRACES = Workload.traces(1_000)
+TRACES = Workload.traces(1_000, IDS)
 BATCHES = TRACES.each_slice(Workload::TRACES_PER_REQUEST).to_a
 
 # Exports flat out until `until_t`; returns traces handed over.
@@ -178,11 +180,11 @@ result =
     until_t = now + SECONDS
     while now < until_t
       if writer?(impl)
-        batch = Workload.trace(n)
+        batch = Workload.trace(n, IDS)
         c0 = thread_cpu
         impl.write(batch)
       else
-        batch = Array.new(Workload::TRACES_PER_REQUEST) { |i| Workload.trace(n + i) }
+        batch = Array.new(Workload::TRACES_PER_REQUEST) { |i| Workload.trace(n + i, IDS) }
         c0 = thread_cpu
         impl.send_traces(batch)
       end
@@ -224,7 +226,7 @@ result =
     # slower here, whichever it was.
     call = MODE.delete_prefix("fork_")
     workers = %w[none gem gem none].map do |impl|
-      io = IO.popen([RbConfig.ruby, __FILE__, "fork_worker", impl, URL, call], "r+")
+      io = IO.popen([RbConfig.ruby, __FILE__, "fork_worker", impl, URL, IDS, call], "r+")
       io.gets # ready
       [impl, io]
     end
@@ -250,7 +252,7 @@ result =
     # One side of the fork A/B: times blocks of calls on request (stdin:
     # a count per line; stdout: µs per call), then prints how many times
     # the gem's :before hook ran per call.
-    call = ARGV[3] == "system" ? -> { system("true") } : -> { Process.wait(fork { exit!(0) }) }
+    call = ARGV[4] == "system" ? -> { system("true") } : -> { Process.wait(fork { exit!(0) }) }
     hooks_run = 0
     if IMPL == "gem"
       t = load_impl("sync")

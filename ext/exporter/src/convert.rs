@@ -91,10 +91,13 @@ pub fn string(ruby: &Ruby, v: Value) -> Result<String, Problem> {
     with_text(ruby, v, str::to_owned)
 }
 
-/// A trace being converted, and the frozen Strings already copied into it.
+/// A trace being converted, the frozen Strings already copied into it, and
+/// the last Bignum trace and parent ids read.
 struct Builder {
     trace: Trace,
     seen: Seen,
+    trace_id: LastId,
+    parent_id: LastId,
 }
 
 impl Builder {
@@ -105,6 +108,72 @@ impl Builder {
                 ..Trace::default()
             },
             seen: Seen::new(),
+            trace_id: LastId::NONE,
+            parent_id: LastId::NONE,
+        }
+    }
+
+    /// Forgets every object remembered by address: called once a Ruby
+    /// object may have been allocated (a GC may then have freed or moved
+    /// what they point to).
+    fn forget(&mut self) {
+        self.seen.forget();
+        self.trace_id = LastId::NONE;
+        self.parent_id = LastId::NONE;
+    }
+
+    /// A span's trace_id (its low 64 bits not 0). The spans of a trace share one Integer
+    /// object (a Bignum for a 128-bit id): read once per trace.
+    #[inline(always)]
+    fn trace_id(&mut self, v: Value) -> Result<u128, Problem> {
+        if let Some(id) = self.trace_id.get(v) {
+            return Ok(id);
+        }
+        let id = id128(v)?;
+        if id as u64 == 0 {
+            // The agent reads the low 64 bits: 0 there is a dropped span.
+            return Err(if id == 0 {
+                "must not be 0".into()
+            } else {
+                "must not have its low 64 bits all 0".into()
+            });
+        }
+        self.trace_id.put(v, id);
+        Ok(id)
+    }
+
+    /// A span's parent_id: most spans of a trace have the root's or their
+    /// parent's span id object, read once while it repeats.
+    #[inline(always)]
+    fn parent_id(&mut self, v: Value) -> Result<u64, Problem> {
+        if let Some(id) = self.parent_id.get(v) {
+            return Ok(id as u64);
+        }
+        let id = id64(v)?;
+        self.parent_id.put(v, u128::from(id));
+        Ok(id)
+    }
+}
+
+/// The last Bignum id read for a field, by object. A Bignum's value cannot
+/// change; the entry is trusted only while no Ruby object was allocated
+/// (see [`Builder::forget`]). Fixnums are not kept (they are read from the
+/// VALUE, which is as cheap as the lookup).
+#[derive(Clone, Copy)]
+struct LastId(rb_sys::VALUE, u128);
+
+impl LastId {
+    const NONE: LastId = LastId(Seen::FREE, 0);
+
+    #[inline(always)]
+    fn get(self, v: Value) -> Option<u128> {
+        (self.0 == v.as_raw()).then_some(self.1)
+    }
+
+    #[inline(always)]
+    fn put(&mut self, v: Value, id: u128) {
+        if fixnum(v).is_none() {
+            *self = LastId(v.as_raw(), id);
         }
     }
 }
@@ -193,7 +262,7 @@ fn seen_or(
 fn copy_text(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<Str, Problem> {
     let (s, allocated) = with_text_noting(ruby, v, |s| b.trace.push_str(s))?;
     if allocated {
-        b.seen.forget();
+        b.forget();
     } else if v.is_frozen() {
         b.seen.put(v.as_raw(), s);
     }
@@ -219,8 +288,10 @@ fn key_text(ruby: &Ruby, b: &mut Builder, k: Value) -> Result<Str, Problem> {
 #[inline(never)]
 fn copy_key_text(ruby: &Ruby, b: &mut Builder, k: Value) -> Result<Str, Problem> {
     if let Some(sym) = Symbol::from_value(k) {
-        let name = sym.name().map_err(|e| e.to_string())?;
-        return Ok(b.trace.push_str(&name));
+        // A Symbol's name never allocates: kept like a frozen String.
+        let s = symbol_text(ruby, sym, |s| b.trace.push_str(s))?;
+        b.seen.put(k.as_raw(), s);
+        return Ok(s);
     }
     copy_text(ruby, b, k)
         .map_err(|_| format!("has a key that {}", expected("a String or Symbol", k)))
@@ -282,15 +353,31 @@ fn opt_string(ruby: &Ruby, v: Value) -> Result<String, Problem> {
     }
 }
 
-/// A Hash key: String or Symbol.
-fn key(ruby: &Ruby, k: Value) -> Result<String, Problem> {
+/// Passes a Symbol's name, as UTF-8 (scrubbed like a String), to `f`.
+fn symbol_text<R>(ruby: &Ruby, s: Symbol, f: impl FnOnce(&str) -> R) -> Result<R, Problem> {
+    // SAFETY: `rb_sym2str` returns the Symbol's own frozen name (no
+    // allocation, no Ruby code, cannot raise for a Symbol).
+    let name = unsafe { Value::from_raw(rb_sys::rb_sym2str(s.as_raw())) };
+    with_text(ruby, name, f)
+}
+
+/// Passes a Hash key (String or Symbol), as UTF-8, to `f`.
+fn key_with<R>(ruby: &Ruby, k: Value, f: impl FnOnce(&str) -> R) -> Result<R, Problem> {
     if let Some(sym) = Symbol::from_value(k) {
-        return sym
-            .name()
-            .map(|n| n.into_owned())
-            .map_err(|e| e.to_string());
+        return symbol_text(ruby, sym, f);
     }
-    string(ruby, k).map_err(|_| format!("has a key that {}", expected("a String or Symbol", k)))
+    if RString::from_value(k).is_none() {
+        return Err(format!(
+            "has a key that {}",
+            expected("a String or Symbol", k)
+        ));
+    }
+    with_text(ruby, k, f)
+}
+
+/// A Hash key: String or Symbol.
+pub fn key(ruby: &Ruby, k: Value) -> Result<String, Problem> {
+    key_with(ruby, k, str::to_owned)
 }
 
 fn integer(v: Value) -> Result<Integer, Problem> {
@@ -305,21 +392,87 @@ fn fixnum(v: Value) -> Option<i64> {
     (raw & 1 == 1).then_some((raw as i64) >> 1)
 }
 
-fn id64(v: Value) -> Result<u64, Problem> {
-    match fixnum(v) {
-        Some(i) if i >= 0 => Ok(i as u64),
-        _ => integer(v)?
-            .to_u64()
-            .map_err(|_| "is out of range for an unsigned 64-bit id".into()),
+/// Why an Integer is not a valid unsigned id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BadId {
+    NotInteger,
+    Negative,
+    TooWide,
+}
+
+/// The value of a non-negative Integer of at most `words` 64-bit words
+/// (1 or 2), read without calling Ruby code and without an `rb_protect`
+/// frame: a Fixnum from the VALUE, a Bignum's magnitude straight from its
+/// digits by `rb_integer_pack`, whose return value gives the sign and
+/// whether it fits before the words are used.
+#[inline(always)]
+fn unsigned(v: Value, words: usize) -> Result<u128, BadId> {
+    if let Some(i) = fixnum(v) {
+        return if i >= 0 {
+            Ok(i as u128)
+        } else {
+            Err(BadId::Negative)
+        };
+    }
+    if magnus::RBignum::from_value(v).is_none() {
+        return Err(BadId::NotInteger);
+    }
+    bignum(v, words.min(2))
+}
+
+#[inline(never)]
+fn bignum(v: Value, words: usize) -> Result<u128, BadId> {
+    let mut out = [0u64; 2];
+    // SAFETY: `v` is a T_BIGNUM (checked by the caller), so
+    // `rb_integer_pack` neither calls Ruby code (its `rb_to_int` returns
+    // an Integer as is) nor raises; it writes at most `words` (<= 2, the
+    // length of `out`) words of 8 bytes, least significant first, in
+    // native byte order, and returns the sign and overflow: -2/-1
+    // negative, 0 zero, 1 fits, 2 wider than `words` words.
+    let sign = unsafe {
+        rb_sys::rb_integer_pack(
+            v.as_raw(),
+            out.as_mut_ptr().cast(),
+            words as _,
+            8,
+            0,
+            (rb_sys::INTEGER_PACK_LSWORD_FIRST | rb_sys::INTEGER_PACK_NATIVE_BYTE_ORDER) as i32,
+        )
+    };
+    match sign {
+        0 | 1 => Ok(u128::from(out[0]) | (u128::from(out[1]) << 64)),
+        2 => Err(BadId::TooWide),
+        _ => Err(BadId::Negative),
     }
 }
 
+fn id_problem(v: Value, bad: BadId, bits: u32) -> Problem {
+    match bad {
+        BadId::NotInteger => expected("an Integer", v),
+        BadId::Negative | BadId::TooWide => {
+            format!("is out of range for an unsigned {bits}-bit id")
+        }
+    }
+}
+
+/// A 64-bit id (parent_id, link span_id); 0 is allowed.
+fn id64(v: Value) -> Result<u64, Problem> {
+    unsigned(v, 1)
+        .map(|i| i as u64)
+        .map_err(|bad| id_problem(v, bad, 64))
+}
+
+/// A 128-bit id (link trace_id); 0 is allowed.
 fn id128(v: Value) -> Result<u128, Problem> {
-    match fixnum(v) {
-        Some(i) if i >= 0 => Ok(i as u128),
-        _ => integer(v)?
-            .to_u128()
-            .map_err(|_| "is out of range for an unsigned 128-bit id".into()),
+    unsigned(v, 2).map_err(|bad| id_problem(v, bad, 128))
+}
+
+/// A span's own span_id or trace_id: as [`id64`]/[`id128`], and not 0
+/// (the agent drops spans with a zero id).
+fn nonzero<T: PartialEq + Default>(r: Result<T, Problem>) -> Result<T, Problem> {
+    match r {
+        Ok(i) if i == T::default() => Err("must not be 0".into()),
+        r => r,
     }
 }
 
@@ -401,7 +554,7 @@ pub fn hash_iteration(ruby: &Ruby) -> Symbol {
 /// Iterates a Hash without `rb_protect`: the callback must not raise nor
 /// run Ruby code (it only reads values, and every magnus call that could
 /// raise is protected by magnus itself). `f` returns false to stop.
-fn each_pair<F: FnMut(Value, Value) -> bool>(h: RHash, mut f: F) {
+pub fn each_pair<F: FnMut(Value, Value) -> bool>(h: RHash, mut f: F) {
     unsafe extern "C" fn call<F: FnMut(Value, Value) -> bool>(
         k: rb_sys::VALUE,
         v: rb_sys::VALUE,
@@ -470,73 +623,149 @@ fn pairs<T>(
     }
 }
 
-/// Encodes a Ruby value as msgpack (for `meta_struct`).
-fn msgpack(ruby: &Ruby, v: Value) -> Result<rmpv::Value, Problem> {
-    use rmpv::Value as M;
-    if v.is_nil() {
-        return Ok(M::Nil);
-    }
-    if v.as_raw() == ruby.qtrue().as_value().as_raw() {
-        return Ok(M::Boolean(true));
-    }
-    if v.as_raw() == ruby.qfalse().as_value().as_raw() {
-        return Ok(M::Boolean(false));
-    }
-    if let Some(i) = Integer::from_value(v) {
-        if let Ok(i) = i.to_i64() {
-            return Ok(M::from(i));
+/// How deep `meta_struct` values may nest (Arrays and Hashes), as
+/// `JSON.generate`'s default `max_nesting`.
+pub const MAX_DEPTH: usize = 100;
+
+/// The most a `meta_struct` value may take encoded: more than any agent
+/// accepts in a whole request. Bounds the time and memory a value that
+/// shares sub-structures (`a = [x, x]`, nested: each level doubles) takes.
+pub const MAX_ENCODED: usize = 32 << 20;
+
+/// Encodes one `meta_struct` value (a Hash) as msgpack.
+///
+/// The walk is bounded: at most [`MAX_DEPTH`] levels of Arrays and Hashes
+/// (so the native recursion, a few hundred bytes of stack per level, can
+/// never overflow), no container inside itself (a cycle is reported as
+/// such), at most [`MAX_ENCODED`] bytes. Every container on the path is
+/// kept in `path`, on the machine stack, where Ruby's GC sees (and pins)
+/// it; elements are read afresh from their container at each step.
+struct Msgpack<'r> {
+    ruby: &'r Ruby,
+    out: Vec<u8>,
+    path: [rb_sys::VALUE; MAX_DEPTH],
+    depth: usize,
+}
+
+impl Msgpack<'_> {
+    fn value(&mut self, v: Value) -> Result<(), Problem> {
+        use rmp::encode as w;
+        if self.out.len() > MAX_ENCODED {
+            return Err(format!("is over {} MiB encoded", MAX_ENCODED >> 20));
         }
-        return i
-            .to_u64()
-            .map(M::from)
-            .map_err(|_| "holds an Integer out of 64-bit range".into());
-    }
-    if let Some(f) = Float::from_value(v) {
-        return Ok(M::F64(f.to_f64()));
-    }
-    if RString::from_value(v).is_some() {
-        return string(ruby, v).map(M::from);
-    }
-    if let Some(s) = Symbol::from_value(v) {
-        return s
-            .name()
-            .map(|n| M::from(n.into_owned()))
-            .map_err(|e| e.to_string());
-    }
-    if let Some(a) = RArray::from_value(v) {
-        let mut items = Vec::with_capacity(a.len());
-        for item in a.into_iter() {
-            items.push(msgpack(ruby, item)?);
+        let ruby = self.ruby;
+        let out = &mut self.out;
+        // Writing into a Vec cannot fail.
+        if v.is_nil() {
+            w::write_nil(out).ok();
+        } else if v.as_raw() == ruby.qtrue().as_value().as_raw() {
+            w::write_bool(out, true).ok();
+        } else if v.as_raw() == ruby.qfalse().as_value().as_raw() {
+            w::write_bool(out, false).ok();
+        } else if let Some(i) = fixnum(v) {
+            w::write_sint(out, i).ok();
+        } else if let Some(i) = Integer::from_value(v) {
+            match (i.to_i64(), i.to_u64()) {
+                (Ok(i), _) => w::write_sint(out, i).ok(),
+                (_, Ok(u)) => w::write_uint(out, u).ok(),
+                _ => return Err("holds an Integer out of 64-bit range".into()),
+            };
+        } else if let Some(f) = Float::from_value(v) {
+            w::write_f64(out, f.to_f64()).ok();
+        } else if RString::from_value(v).is_some() {
+            with_text(ruby, v, |s| w::write_str(out, s).ok())?;
+        } else if let Some(s) = Symbol::from_value(v) {
+            symbol_text(ruby, s, |s| w::write_str(out, s).ok())?;
+        } else if let Some(a) = RArray::from_value(v) {
+            self.enter(v)?;
+            w::write_array_len(&mut self.out, a.len() as u32).ok();
+            let mut i = 0;
+            // By index, re-reading the Array each time (a transcoded
+            // String allocates: a GC may move its elements).
+            while let Some(item) = array_item(a, i) {
+                self.value(item).map_err(|p| format!("[{i}] {p}"))?;
+                i += 1;
+            }
+            self.depth -= 1;
+        } else if let Some(h) = RHash::from_value(v) {
+            self.enter(v)?;
+            let len = h.len();
+            w::write_map_len(&mut self.out, len as u32).ok();
+            let mut problem = None;
+            let mut read = 0;
+            each_pair(h, |k, v| {
+                let r = key_with(ruby, k, |k| w::write_str(&mut self.out, k).ok()).and_then(|_| {
+                    self.value(v).map_err(|p| match key(ruby, k) {
+                        Ok(k) => format!("[{k:?}] {p}"),
+                        Err(_) => p,
+                    })
+                });
+                read += 1;
+                r.map_err(|p| problem = Some(p)).is_ok()
+            });
+            if let Some(p) = problem {
+                return Err(p);
+            }
+            if read != len {
+                return Err("could not be read".into());
+            }
+            self.depth -= 1;
+        } else {
+            return Err(format!(
+                "holds a {} that msgpack cannot encode",
+                class_name(v)
+            ));
         }
-        return Ok(M::Array(items));
+        Ok(())
     }
-    if let Some(h) = RHash::from_value(v) {
-        let entries = pairs(ruby, h, msgpack)?;
-        return Ok(M::Map(
-            entries.into_iter().map(|(k, v)| (M::from(k), v)).collect(),
-        ));
+
+    /// Enters a container: refuses a cycle and nesting past the limit.
+    fn enter(&mut self, v: Value) -> Result<(), Problem> {
+        let raw = v.as_raw();
+        if self.path[..self.depth].contains(&raw) {
+            return Err(format!("is cyclic (a {} contains itself)", class_name(v)));
+        }
+        if self.depth == MAX_DEPTH {
+            return Err(format!("nests deeper than {MAX_DEPTH} levels"));
+        }
+        self.path[self.depth] = raw;
+        self.depth += 1;
+        Ok(())
     }
-    Err(format!(
-        "holds a {} that msgpack cannot encode",
-        class_name(v)
-    ))
+}
+
+/// Element `i` of an Array, read afresh (None past its end).
+fn array_item(a: RArray, i: usize) -> Option<Value> {
+    // SAFETY: the slice is read and dropped at once, before any Ruby code
+    // can run.
+    unsafe { a.as_slice().get(i).copied() }
 }
 
 fn meta_struct_value(ruby: &Ruby, v: Value) -> Result<Vec<u8>, Problem> {
-    let h = hash(v)?;
-    let value = msgpack(ruby, h.as_value())?;
-    let mut buf = Vec::new();
-    rmpv::encode::write_value(&mut buf, &value).map_err(|e| e.to_string())?;
-    Ok(buf)
+    hash(v)?;
+    let mut m = Msgpack {
+        ruby,
+        out: Vec::new(),
+        path: [Seen::FREE; MAX_DEPTH],
+        depth: 0,
+    };
+    m.value(v)?;
+    // Keeps `path` alive (on the stack) until the walk is over.
+    std::hint::black_box(&m.path);
+    Ok(m.out)
 }
 
-/// A span event (or exposure subject) attribute value.
-pub fn attribute(ruby: &Ruby, v: Value) -> Result<AttributeValue, Problem> {
+/// A primitive attribute value: String, Integer (64-bit), Float, true,
+/// false.
+fn scalar(ruby: &Ruby, v: Value) -> Result<AttributeValue, Problem> {
     if v.as_raw() == ruby.qtrue().as_value().as_raw() {
         return Ok(AttributeValue::Bool(true));
     }
     if v.as_raw() == ruby.qfalse().as_value().as_raw() {
         return Ok(AttributeValue::Bool(false));
+    }
+    if let Some(i) = fixnum(v) {
+        return Ok(AttributeValue::Int(i));
     }
     if let Some(i) = Integer::from_value(v) {
         return i
@@ -547,22 +776,31 @@ pub fn attribute(ruby: &Ruby, v: Value) -> Result<AttributeValue, Problem> {
     if let Some(f) = Float::from_value(v) {
         return Ok(AttributeValue::Float(f.to_f64()));
     }
-    if let Some(a) = RArray::from_value(v) {
-        let mut items = Vec::with_capacity(a.len());
-        for item in a.into_iter() {
-            if RArray::from_value(item).is_some() {
-                return Err("nests an Array in an Array".into());
-            }
-            items.push(attribute(ruby, item)?);
-        }
-        return Ok(AttributeValue::Array(items));
-    }
     string(ruby, v).map(AttributeValue::String).map_err(|_| {
         expected(
             "a String, Integer, Float, true, false or an Array of those",
             v,
         )
     })
+}
+
+/// A span event attribute value: a [`scalar`] or a flat Array of them
+/// (one level: an Array in an Array is refused, so nothing nests and
+/// nothing recurses).
+pub fn attribute(ruby: &Ruby, v: Value) -> Result<AttributeValue, Problem> {
+    let Some(a) = RArray::from_value(v) else {
+        return scalar(ruby, v);
+    };
+    let mut items = Vec::with_capacity(a.len());
+    let mut i = 0;
+    while let Some(item) = array_item(a, i) {
+        if RArray::from_value(item).is_some() {
+            return Err("nests an Array in an Array".into());
+        }
+        items.push(scalar(ruby, item).map_err(|p| format!("[{i}] {p}"))?);
+        i += 1;
+    }
+    Ok(AttributeValue::Array(items))
 }
 
 /// The keys a span, link or event Hash may hold.
@@ -781,8 +1019,8 @@ fn list<T>(
     }
     let a = array(v)?;
     let mut out = Vec::with_capacity(a.len());
-    for (i, item) in a.into_iter().enumerate() {
-        out.push(f(ruby, item).map_err(|p| format!("[{i}] {p}"))?);
+    while let Some(item) = array_item(a, out.len()) {
+        out.push(f(ruby, item).map_err(|p| format!("[{}] {p}", out.len()))?);
     }
     Ok(out)
 }
@@ -819,14 +1057,14 @@ fn span(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<(), (String, Problem)>
     fields(h, |name, v| {
         match name {
             Field::TraceId => {
-                s.trace_id = at(name, id128(v))?;
+                s.trace_id = at(name, b.trace_id(v))?;
                 has_trace = true;
             }
             Field::SpanId => {
-                s.span_id = at(name, id64(v))?;
+                s.span_id = at(name, nonzero(id64(v)))?;
                 has_span = true;
             }
-            Field::ParentId if !v.is_nil() => s.parent_id = at(name, id64(v))?,
+            Field::ParentId if !v.is_nil() => s.parent_id = at(name, b.parent_id(v))?,
             Field::Name => {
                 s.name = at(name, text(ruby, b, v))?;
                 has_name = true;
@@ -849,17 +1087,22 @@ fn span(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<(), (String, Problem)>
                     entries(ruby, b, v, |_, _, v| number(v), |t| &mut t.metrics),
                 )?
             }
+            // The rare fields may transcode (allocate) without the
+            // builder knowing: it forgets what it remembers by address.
             Field::MetaStruct => {
                 rare.get_or_insert_with(SpanExtras::default).meta_struct =
-                    at(name, opt_pairs(ruby, v, meta_struct_value))?
+                    at(name, opt_pairs(ruby, v, meta_struct_value))?;
+                b.forget();
             }
             Field::SpanLinks => {
                 rare.get_or_insert_with(SpanExtras::default).span_links =
-                    at(name, list(ruby, v, span_link))?
+                    at(name, list(ruby, v, span_link))?;
+                b.forget();
             }
             Field::SpanEvents => {
                 rare.get_or_insert_with(SpanExtras::default).span_events =
-                    at(name, list(ruby, v, span_event))?
+                    at(name, list(ruby, v, span_event))?;
+                b.forget();
             }
             _ => {}
         }

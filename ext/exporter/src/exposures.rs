@@ -6,12 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use exporter_core::batch::BatchWorker;
-use exporter_core::exposures::{self, Context, EvpSink, Exposure, ExposureWorker, FLUSH_AT};
+use exporter_core::exposures::{
+    self, Context, DedupKey, EvpSink, Exposure, ExposureWorker, FLUSH_AT,
+};
 use exporter_core::span::AttributeValue;
 use exporter_core::worker;
 use magnus::value::ReprValue;
 use magnus::{
-    function, method, prelude::*, Error, Integer, RHash, RModule, RString, Ruby, Symbol, Value,
+    function, method, prelude::*, Error, Integer, RArray, RHash, RModule, RString, Ruby, Value,
 };
 
 use crate::{convert, errors, writer};
@@ -21,17 +23,88 @@ pub struct Exposures {
     inner: Arc<ExposureWorker>,
 }
 
-/// A required String argument; the error names the field.
+/// A required String argument's bytes as they are (for the dedup key);
+/// the error names the field. Valid until Ruby code runs.
+fn bytes<'a>(ruby: &Ruby, v: Value, field: &str) -> Result<&'a [u8], Error> {
+    let s = RString::from_value(v).ok_or_else(|| {
+        errors::argument(
+            ruby,
+            format!("{field} must be a String (got {})", unsafe {
+                v.classname()
+            }),
+        )
+    })?;
+    // SAFETY: the caller hashes the bytes before any Ruby code can run or
+    // any Ruby object is allocated (a GC could move an embedded String).
+    Ok(unsafe {
+        let b = s.as_slice();
+        std::slice::from_raw_parts(b.as_ptr(), b.len())
+    })
+}
+
+/// A String argument's text, as UTF-8 (the one copy the new path makes).
 fn text(ruby: &Ruby, v: Value, field: &str) -> Result<String, Error> {
     convert::string(ruby, v).map_err(|p| errors::argument(ruby, format!("{field} {p}")))
 }
 
+/// A subject id: a String, or an Integer written in decimal.
+enum SubjectId<'a> {
+    Text(Value, &'a [u8]),
+    Number(String),
+}
+
+impl SubjectId<'_> {
+    fn read(ruby: &Ruby, v: Value) -> Result<SubjectId<'_>, Error> {
+        match Integer::from_value(v) {
+            Some(i) => Ok(SubjectId::Number(match i.to_i64() {
+                Ok(n) => n.to_string(),
+                Err(_) => i.to_string(),
+            })),
+            None => bytes(ruby, v, "subject_id").map(|b| SubjectId::Text(v, b)),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            SubjectId::Text(_, b) => b,
+            SubjectId::Number(s) => s.as_bytes(),
+        }
+    }
+
+    fn into_string(self, ruby: &Ruby) -> Result<String, Error> {
+        match self {
+            SubjectId::Text(v, _) => text(ruby, v, "subject_id"),
+            SubjectId::Number(s) => Ok(s),
+        }
+    }
+}
+
 /// A primitive attribute value (String, Integer, Float, true, false), or
-/// `None`: left out and counted.
+/// `None`: left out and counted. Nothing nested is walked: an Array or a
+/// Hash (cyclic or not, however deep) is left out as it is.
 fn attribute(ruby: &Ruby, v: Value) -> Option<AttributeValue> {
-    convert::attribute(ruby, v)
-        .ok()
-        .filter(|a| !matches!(a, AttributeValue::Array(_)))
+    if RArray::from_value(v).is_some() || RHash::from_value(v).is_some() {
+        return None;
+    }
+    convert::attribute(ruby, v).ok()
+}
+
+/// The subject attributes, copied once; and how many were left out.
+fn attributes(ruby: &Ruby, h: Option<RHash>) -> (Vec<(String, AttributeValue)>, u64) {
+    let mut attrs = Vec::new();
+    let mut left_out = 0u64;
+    if let Some(h) = h {
+        attrs.reserve(h.len());
+        // Read without an rb_protect frame: the callback only reads.
+        convert::each_pair(h, |k, v| {
+            match (convert::key(ruby, k), attribute(ruby, v)) {
+                (Ok(k), Some(v)) => attrs.push((k, v)),
+                _ => left_out += 1,
+            }
+            true
+        });
+    }
+    (attrs, left_out)
 }
 
 impl Exposures {
@@ -75,14 +148,16 @@ impl Exposures {
         attributes: Value,
         timestamp_ms: Value,
     ) -> Result<bool, Error> {
-        let flag = text(ruby, flag, "flag")?;
-        let allocation = text(ruby, allocation, "allocation")?;
-        let variant = text(ruby, variant, "variant")?;
-        let subject_id = if let Some(i) = Integer::from_value(subject_id) {
-            i.to_string()
-        } else {
-            text(ruby, subject_id, "subject_id")?
-        };
+        // Arguments are checked and hashed as they are: a duplicate (the
+        // common case) costs a hash and a lookup, and copies nothing.
+        // The subject first: a Bignum id allocates its decimal String.
+        let subject = SubjectId::read(ruby, subject_id)?;
+        let key = DedupKey::new(
+            bytes(ruby, flag, "flag")?,
+            subject.bytes(),
+            bytes(ruby, allocation, "allocation")?,
+            bytes(ruby, variant, "variant")?,
+        );
         let timestamp_ms = if timestamp_ms.is_nil() {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -95,35 +170,41 @@ impl Exposures {
                     errors::argument(ruby, "timestamp_ms must be an Integer (milliseconds)")
                 })?
         };
-        let mut attrs = Vec::new();
-        let mut left_out = 0u64;
-        if !attributes.is_nil() {
-            let h = RHash::from_value(attributes)
-                .ok_or_else(|| errors::argument(ruby, "subject_attributes must be a Hash"))?;
-            h.foreach(|k: Value, v: Value| {
-                let key = if let Some(s) = Symbol::from_value(k) {
-                    s.name().map(|n| n.into_owned()).ok()
-                } else if RString::from_value(k).is_some() {
-                    convert::string(ruby, k).ok()
-                } else {
-                    None
-                };
-                match (key, attribute(ruby, v)) {
-                    (Some(k), Some(v)) => attrs.push((k, v)),
-                    _ => left_out += 1,
-                }
-                Ok(magnus::r_hash::ForEach::Continue)
-            })?;
-        }
-        let event = Exposure {
-            timestamp_ms,
-            flag,
-            allocation,
-            variant,
-            subject_id,
-            attributes: attrs,
+        let attributes = if attributes.is_nil() {
+            None
+        } else {
+            Some(
+                RHash::from_value(attributes)
+                    .ok_or_else(|| errors::argument(ruby, "subject_attributes must be a Hash"))?,
+            )
         };
-        Ok(exposures::record(&rb_self.inner, event, left_out))
+        let Some(admitted) = exposures::admit(&rb_self.inner, key) else {
+            return Ok(false);
+        };
+        // New: one copy of each string, into the event.
+        let event = (|| {
+            let (attributes, left_out) = self::attributes(ruby, attributes);
+            Ok::<_, Error>((
+                Exposure {
+                    timestamp_ms,
+                    flag: text(ruby, flag, "flag")?,
+                    allocation: text(ruby, allocation, "allocation")?,
+                    variant: text(ruby, variant, "variant")?,
+                    subject_id: subject.into_string(ruby)?,
+                    attributes,
+                },
+                left_out,
+            ))
+        })();
+        match event {
+            Ok((event, left_out)) => {
+                Ok(exposures::queue(&rb_self.inner, admitted, event, left_out))
+            }
+            Err(e) => {
+                exposures::unadmit(&rb_self.inner, admitted);
+                Err(e)
+            }
+        }
     }
 
     fn flush(ruby: &Ruby, rb_self: &Self, timeout: f64) -> Result<bool, Error> {

@@ -6,7 +6,7 @@
 //! (flag, subject id) holding the last (allocation, variant) sent: the same
 //! assignment again is suppressed, a changed one goes out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -48,17 +48,117 @@ pub struct Context {
     pub version: String,
 }
 
+/// An exposure's identity for [`Dedup`]: `key` hashes (flag, subject id),
+/// `value` hashes (allocation, variant). Made from the argument bytes as
+/// they are (no copy, no UTF-8 check), so the same Ruby Strings always give
+/// the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupKey {
+    pub key: u128,
+    pub value: u128,
+}
+
+impl DedupKey {
+    pub fn new(flag: &[u8], subject_id: &[u8], allocation: &[u8], variant: &[u8]) -> DedupKey {
+        DedupKey {
+            key: hash_pair(flag, subject_id),
+            value: hash_pair(allocation, variant),
+        }
+    }
+
+    pub fn of(e: &Exposure) -> DedupKey {
+        DedupKey::new(
+            e.flag.as_bytes(),
+            e.subject_id.as_bytes(),
+            e.allocation.as_bytes(),
+            e.variant.as_bytes(),
+        )
+    }
+}
+
+/// A 128-bit hash of two byte strings, in one pass: two lanes of folded
+/// 64x64->128 multiplies (the wyhash/folded-multiply family) over 8-byte
+/// words, each string's length mixed in so ("ab", "c") and ("a", "bc")
+/// differ. Not cryptographic (neither was the fixed-key SipHash it
+/// replaces): a collision among honest ids takes ~2^64 of them.
+fn hash_pair(a: &[u8], b: &[u8]) -> u128 {
+    const K: [u64; 4] = [
+        0xa076_1d64_78bd_642f,
+        0xe703_7ed1_a0b4_28db,
+        0x8ebc_6af0_9c88_c6e3,
+        0x5899_65cc_7537_4cc3,
+    ];
+    #[inline(always)]
+    fn fold(x: u64, y: u64) -> u64 {
+        let r = u128::from(x).wrapping_mul(u128::from(y));
+        (r as u64) ^ ((r >> 64) as u64)
+    }
+    let (mut h1, mut h2) = (K[0], K[1]);
+    for s in [a, b] {
+        let mut chunks = s.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            h1 = fold(h1 ^ w, K[2]);
+            h2 = fold(h2 ^ w.rotate_left(29), K[3]);
+        }
+        let mut tail = [0u8; 8];
+        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        let w = u64::from_le_bytes(tail) ^ ((s.len() as u64) << 56) ^ (s.len() as u64);
+        h1 = fold(h1 ^ w, K[2] ^ s.len() as u64);
+        h2 = fold(h2 ^ w.rotate_left(29), K[3] ^ s.len() as u64);
+    }
+    let (h1, h2) = (fold(h1, K[1] ^ h2), fold(h2, K[0] ^ h1));
+    (u128::from(h1) << 64) | u128::from(h2)
+}
+
+/// A HashMap hasher for keys that already are uniform hashes: folds the
+/// 128-bit key to 64 bits (no second hash).
+#[derive(Default, Clone, Copy)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.0 ^= u64::from_le_bytes(w);
+        }
+    }
+    fn write_u128(&mut self, i: u128) {
+        self.0 = (i as u64) ^ ((i >> 64) as u64);
+    }
+}
+
+type PrehashedMap<V> = HashMap<u128, V, std::hash::BuildHasherDefault<Prehashed>>;
+
+/// No slot: the end of the recency list.
+const NIL: u32 = u32::MAX;
+
+/// One entry of [`Dedup`]'s recency list.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    key: u128,
+    value: u128,
+    newer: u32,
+    older: u32,
+}
+
 /// LRU of the last assignment sent per (flag, subject id).
 ///
-/// Keys and values are stored as 128-bit hashes of their strings, so
-/// admitting an exposure allocates nothing per string (a collision would
-/// take ~2^64 distinct keys to become likely).
+/// Keys and values are stored as 128-bit hashes ([`DedupKey`]), so
+/// admitting an exposure allocates nothing per string. Recency is a doubly
+/// linked list threaded through a slab of slots: a hit, an insert and an
+/// eviction are O(1) with no allocation once the cache is full.
 #[derive(Debug)]
 pub struct Dedup {
     capacity: usize,
-    tick: u64,
-    entries: HashMap<u128, (u128, u64)>,
-    order: BTreeMap<u64, u128>,
+    index: PrehashedMap<u32>,
+    slots: Vec<Slot>,
+    newest: u32,
+    oldest: u32,
 }
 
 /// What [`Dedup::admit`] replaced, to undo it if the event is not queued.
@@ -68,88 +168,130 @@ pub struct Admitted {
     previous: Option<u128>,
 }
 
-/// A 128-bit hash of two strings (two SipHash passes with distinct salts;
-/// the separator keeps ("ab", "c") and ("a", "bc") apart).
-fn hash_pair(a: &str, b: &str) -> u128 {
-    use std::hash::{Hash, Hasher};
-    let half = |salt: u8| {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        salt.hash(&mut h);
-        a.hash(&mut h);
-        b.hash(&mut h);
-        h.finish()
-    };
-    (u128::from(half(1)) << 64) | u128::from(half(2))
-}
-
 impl Dedup {
     pub fn new(capacity: usize) -> Dedup {
         Dedup {
-            capacity: capacity.max(1),
-            tick: 0,
-            entries: HashMap::new(),
-            order: BTreeMap::new(),
+            capacity: capacity.clamp(1, NIL as usize - 1),
+            index: PrehashedMap::default(),
+            slots: Vec::new(),
+            newest: NIL,
+            oldest: NIL,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.index.is_empty()
     }
 
     pub fn clear(&mut self) {
-        self.entries.clear();
-        self.order.clear();
+        self.index.clear();
+        self.slots.clear();
+        self.newest = NIL;
+        self.oldest = NIL;
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let Slot { newer, older, .. } = self.slots[i as usize];
+        match newer {
+            NIL => self.newest = older,
+            n => self.slots[n as usize].older = older,
+        }
+        match older {
+            NIL => self.oldest = newer,
+            o => self.slots[o as usize].newer = newer,
+        }
+    }
+
+    fn push_newest(&mut self, i: u32) {
+        let s = &mut self.slots[i as usize];
+        s.newer = NIL;
+        s.older = self.newest;
+        match self.newest {
+            NIL => self.oldest = i,
+            n => self.slots[n as usize].newer = i,
+        }
+        self.newest = i;
     }
 
     /// `None` when this exact assignment was the last one sent for the
     /// flag and subject (a duplicate); else records it as sent.
     pub fn admit(&mut self, e: &Exposure) -> Option<Admitted> {
-        self.tick += 1;
-        let tick = self.tick;
-        let key = hash_pair(&e.flag, &e.subject_id);
-        let value = hash_pair(&e.allocation, &e.variant);
-        if let Some((v, t)) = self.entries.get_mut(&key) {
-            self.order.remove(t);
-            self.order.insert(tick, key);
-            *t = tick;
-            if *v == value {
+        self.admit_key(DedupKey::of(e))
+    }
+
+    /// As [`Dedup::admit`], by key: a hash lookup and, for a repeat, a move
+    /// to the front of the recency list.
+    pub fn admit_key(&mut self, k: DedupKey) -> Option<Admitted> {
+        if let Some(&i) = self.index.get(&k.key) {
+            if i != self.newest {
+                self.unlink(i);
+                self.push_newest(i);
+            }
+            let slot = &mut self.slots[i as usize];
+            if slot.value == k.value {
                 return None;
             }
-            let previous = std::mem::replace(v, value);
+            let previous = std::mem::replace(&mut slot.value, k.value);
             return Some(Admitted {
-                key,
+                key: k.key,
                 previous: Some(previous),
             });
         }
-        if self.entries.len() >= self.capacity {
-            if let Some((_, oldest)) = self.order.pop_first() {
-                self.entries.remove(&oldest);
-            }
-        }
-        self.entries.insert(key, (value, tick));
-        self.order.insert(tick, key);
+        let fresh = Slot {
+            key: k.key,
+            value: k.value,
+            newer: NIL,
+            older: NIL,
+        };
+        let i = if self.index.len() >= self.capacity && self.oldest != NIL {
+            // Full: the least recently used slot is reused.
+            let i = self.oldest;
+            self.unlink(i);
+            self.index.remove(&self.slots[i as usize].key);
+            self.slots[i as usize] = fresh;
+            i
+        } else {
+            self.slots.push(fresh);
+            (self.slots.len() - 1) as u32
+        };
+        self.push_newest(i);
+        self.index.insert(k.key, i);
         Some(Admitted {
-            key,
+            key: k.key,
             previous: None,
         })
     }
 
     /// Undoes an `admit` whose event could not be queued.
     pub fn revert(&mut self, a: Admitted) {
+        let Some(&i) = self.index.get(&a.key) else {
+            return;
+        };
         match a.previous {
-            Some(prev) => {
-                if let Some((v, _)) = self.entries.get_mut(&a.key) {
-                    *v = prev;
-                }
-            }
+            Some(prev) => self.slots[i as usize].value = prev,
             None => {
-                if let Some((_, t)) = self.entries.remove(&a.key) {
-                    self.order.remove(&t);
+                self.unlink(i);
+                self.index.remove(&a.key);
+                // Keeps the slab dense: the last slot moves into the hole.
+                let last = (self.slots.len() - 1) as u32;
+                if i != last {
+                    let moved = self.slots[last as usize];
+                    self.slots[i as usize] = moved;
+                    match moved.newer {
+                        NIL => self.newest = i,
+                        n => self.slots[n as usize].older = i,
+                    }
+                    match moved.older {
+                        NIL => self.oldest = i,
+                        o => self.slots[o as usize].newer = i,
+                    }
+                    self.index.insert(moved.key, i);
                 }
+                self.slots.pop();
             }
         }
     }
@@ -402,23 +544,52 @@ pub type ExposureWorker = BatchWorker<Exposure, EvpSink>;
 
 /// Records one exposure: false when it was deduplicated or dropped.
 pub fn record(worker: &Arc<ExposureWorker>, e: Exposure, attributes_dropped: u64) -> bool {
+    let key = DedupKey::of(&e);
+    match admit(worker, key) {
+        Some(admitted) => queue(worker, admitted, e, attributes_dropped),
+        None => false,
+    }
+}
+
+/// The first half of [`record`], before the event is built: counts it,
+/// and `None` for a duplicate (counted). Callers that can hash their
+/// arguments without copying them build the event only when admitted.
+pub fn admit(worker: &Arc<ExposureWorker>, key: DedupKey) -> Option<Admitted> {
     let c = &worker.sink().counters;
     c.recorded.fetch_add(1, Ordering::Relaxed);
+    let admitted = worker.sink().dedup().admit_key(key);
+    if admitted.is_none() {
+        c.deduplicated.fetch_add(1, Ordering::Relaxed);
+    }
+    admitted
+}
+
+/// The second half of [`record`]: queues an admitted event (`attributes_dropped`
+/// of its attributes were left out); if it cannot be queued, the dedup
+/// entry is undone so the next identical exposure is not suppressed.
+pub fn queue(
+    worker: &Arc<ExposureWorker>,
+    admitted: Admitted,
+    e: Exposure,
+    attributes_dropped: u64,
+) -> bool {
     if attributes_dropped > 0 {
-        c.attributes_dropped
+        worker
+            .sink()
+            .counters
+            .attributes_dropped
             .fetch_add(attributes_dropped, Ordering::Relaxed);
     }
-    let admitted = worker.sink().dedup().admit(&e);
-    let Some(admitted) = admitted else {
-        c.deduplicated.fetch_add(1, Ordering::Relaxed);
-        return false;
-    };
     if worker.write(e) {
         return true;
     }
-    // Not queued: the next identical exposure must not be suppressed.
-    worker.sink().dedup().revert(admitted);
+    unadmit(worker, admitted);
     false
+}
+
+/// Undoes [`admit`] for an event that was not queued.
+pub fn unadmit(worker: &Arc<ExposureWorker>, admitted: Admitted) {
+    worker.sink().dedup().revert(admitted);
 }
 
 #[cfg(test)]
@@ -482,6 +653,84 @@ mod tests {
         let new = d.admit(&exp("g", "u", "a", "A")).unwrap();
         d.revert(new);
         assert!(d.admit(&exp("g", "u", "a", "A")).is_some());
+    }
+
+    #[test]
+    fn revert_of_a_new_entry_keeps_the_recency_order() {
+        let mut d = Dedup::new(3);
+        for s in ["1", "2", "3"] {
+            d.admit(&exp("f", s, "a", "v"));
+        }
+        // Reverting "1" (the oldest, in the middle of the slab after a
+        // touch) must leave 2 and 3 in order.
+        d.admit(&exp("f", "1", "a", "v"));
+        let new = d.admit(&exp("f", "4", "a", "v")).unwrap(); // evicts 2
+        d.revert(new);
+        assert_eq!(d.len(), 2);
+        assert!(d.admit(&exp("f", "5", "a", "v")).is_some());
+        assert!(d.admit(&exp("f", "6", "a", "v")).is_some()); // evicts 3
+        assert!(d.admit(&exp("f", "1", "a", "v")).is_none());
+        assert!(d.admit(&exp("f", "3", "a", "v")).is_some());
+    }
+
+    #[test]
+    fn lru_matches_a_model_over_random_operations() {
+        // A Vec-based model (most recent last) against the slab LRU.
+        let mut d = Dedup::new(8);
+        let mut model: Vec<(String, String)> = Vec::new();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let subject = (x % 13).to_string();
+            let variant = ((x >> 8) % 3).to_string();
+            let revert = (x >> 16).is_multiple_of(5);
+            let e = exp("f", &subject, "a", &variant);
+            let pos = model.iter().position(|(s, _)| *s == subject);
+            let dup = pos.is_some_and(|p| model[p].1 == variant);
+            let got = d.admit(&e);
+            assert_eq!(got.is_none(), dup);
+            let before = model.clone();
+            if let Some(p) = pos {
+                let (s, _) = model.remove(p);
+                model.push((s, variant.clone()));
+            } else {
+                if model.len() == 8 {
+                    model.remove(0);
+                }
+                model.push((subject.clone(), variant.clone()));
+            }
+            if let (Some(a), true) = (got, revert) {
+                d.revert(a);
+                // A revert restores the value or removes the new entry (an
+                // eviction it caused is not undone; recency stays touched).
+                match pos {
+                    Some(_) => {
+                        let p = model.iter().position(|(s, _)| *s == subject).unwrap();
+                        model[p].1 = before[pos.unwrap()].1.clone();
+                    }
+                    None => {
+                        model.pop();
+                    }
+                }
+            }
+            assert_eq!(d.len(), model.len());
+        }
+    }
+
+    #[test]
+    fn hash_pair_separates_lengths_and_lanes() {
+        assert_ne!(hash_pair(b"ab", b"c"), hash_pair(b"a", b"bc"));
+        assert_ne!(hash_pair(b"", b"x"), hash_pair(b"x", b""));
+        assert_ne!(hash_pair(b"12345678", b""), hash_pair(b"1234567", b"8"));
+        assert_ne!(hash_pair(b"a\0", b""), hash_pair(b"a", b""));
+        let h = hash_pair(b"checkout", b"user-1");
+        assert_ne!(h as u64, (h >> 64) as u64);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..100_000u32 {
+            assert!(seen.insert(hash_pair(b"flag", i.to_string().as_bytes())));
+        }
     }
 
     #[test]
