@@ -11,6 +11,7 @@ class BaselineExporter
     "Datadog-Meta-Lang-Version" => RUBY_VERSION, "Datadog-Meta-Lang-Interpreter" => RUBY_ENGINE,
     "Datadog-Meta-Tracer-Version" => "baseline"
   }.freeze
+  LOW64 = (2**64) - 1
 
   def initialize(url)
     uri = URI(url)
@@ -36,9 +37,13 @@ class BaselineExporter
     pk.write_array_header(traces.size)
     traces.each do |trace|
       pk.write_array_header(trace.size)
-      trace.each do |s|
+      trace.each_with_index do |s, i|
+        # A 128-bit trace id goes out as its low 64 bits, the high 64 bits
+        # in hex in meta "_dd.p.tid" of the first span (as ddtrace does).
+        tid = s[:trace_id]
+        high = tid >> 64
         pk.write_map_header(12)
-        pk.write("trace_id").write(s[:trace_id])
+        pk.write("trace_id").write(high.zero? ? tid : tid & LOW64)
         pk.write("span_id").write(s[:span_id])
         pk.write("parent_id").write(s[:parent_id])
         pk.write("name").write(s[:name])
@@ -48,7 +53,11 @@ class BaselineExporter
         pk.write("start").write(s[:start])
         pk.write("duration").write(s[:duration])
         pk.write("error").write(s[:error])
-        pk.write("meta").write(s[:meta])
+        if i.zero? && !high.zero?
+          pk.write("meta").write(s[:meta].merge("_dd.p.tid" => format("%016x", high)))
+        else
+          pk.write("meta").write(s[:meta])
+        end
         pk.write("metrics").write(s[:metrics])
       end
     end

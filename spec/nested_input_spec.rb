@@ -138,10 +138,10 @@ RSpec.describe "Nested and hostile input" do
   end
 
   describe "randomized input", timeout: 120 do
-    SEED = Integer(ENV.fetch("FUZZ_SEED", "20_240_611"))
-    CASES = Integer(ENV.fetch("FUZZ_CASES", "4000"))
+    FUZZ_SEED_VALUE = Integer(ENV.fetch("FUZZ_SEED", "20_240_611"))
+    FUZZ_COUNT = Integer(ENV.fetch("FUZZ_CASES", "4000"))
 
-    Point = Struct.new(:x, :y)
+    FuzzPoint = Struct.new(:x, :y)
 
     # Built once: deep values are costly to make, not to refuse.
     let(:deep) { [deep_hash(100_000), deep_array(100_000), deep_hash(101), deep_array(99)] }
@@ -151,7 +151,7 @@ RSpec.describe "Nested and hostile input" do
         nil, true, false, 0, 1, -1, rng.rand(2**62), -rng.rand(2**62), (2**62) - 1, 2**62, (2**64) - 1, 2**64,
         (2**128) - 1, 2**128, -(2**64), -(2**200), 7**4000, rng.rand(2**64), rng.rand(2**128),
         0.0, -0.0, 1.5, Float::NAN, Float::INFINITY, -Float::INFINITY, Float::MAX, Float::MIN, Float::EPSILON,
-        Rational(1, 3), Complex(1, 2), 1r, Time.at(0), Object.new, BasicObject.new, Point.new(1, 2), (1..3),
+        Rational(1, 3), Complex(1, 2), 1r, Time.at(0), Object.new, BasicObject.new, FuzzPoint.new(1, 2), (1..3),
         (1..), Class, Kernel, Encoding::UTF_8, -> {}, method(:puts), :sym, :"with space", "\xff".b.to_sym,
         "", "ascii", "é utf-8", "\u0000\u0001\u001f\u007f ctl", "\xff\xfe invalid".b,
         (+"\xff\xfe invalid").force_encoding(Encoding::UTF_8), "é latin1".encode("ISO-8859-1"),
@@ -197,7 +197,7 @@ RSpec.describe "Nested and hostile input" do
       %w[k key http.url _dd.p.tid].sample(random: rng).then { |k| pick.odd? ? k.to_sym : k }
     end
 
-    FIELDS = %i[trace_id span_id parent_id name service resource type start duration error meta metrics
+    FUZZ_FIELDS = %i[trace_id span_id parent_id name service resource type start duration error meta metrics
                 meta_struct span_links span_events].freeze
 
     def structured(rng, field)
@@ -217,7 +217,7 @@ RSpec.describe "Nested and hostile input" do
     def random_span(rng)
       s = SpanFactory.span(trace_id: rng.rand(1..2**128), span_id: rng.rand(1..2**64 - 1))
       (rng.rand(2).zero? ? 0 : rng.rand(1..2)).times do
-        field = FIELDS.sample(random: rng)
+        field = FUZZ_FIELDS.sample(random: rng)
         key = rng.rand(4).zero? ? field.to_s : field
         s[key] = rng.rand(3).zero? ? random_value(rng) : structured(rng, field)
       end
@@ -235,11 +235,11 @@ RSpec.describe "Nested and hostile input" do
 
     it "raises only InvalidTraceError (Writer#write, Transport#send_traces) and ArgumentError (Exposures), " \
        "in bounded time" do
-      rng = Random.new(SEED)
+      rng = Random.new(FUZZ_SEED_VALUE)
       exposures = Exporter::Exposures.new(url: "http://127.0.0.1:9", flush_interval: 3600, buffer_size: 100_000)
       outcomes = Hash.new(0)
       slowest = 0.0
-      CASES.times do |i|
+      FUZZ_COUNT.times do |i|
         trace = random_trace(rng)
         args = %i[flag allocation variant subject_id].to_h { |k| [k, rng.rand(8).zero? ? random_value(rng) : "s#{i}"] }
         attrs = rng.rand(4).zero? ? random_value(rng) : Array.new(rng.rand(0..5)) { [random_key(rng), random_value(rng)] }.to_h
@@ -249,7 +249,7 @@ RSpec.describe "Nested and hostile input" do
         rescue Exporter::InvalidTraceError
           outcomes[:invalid] += 1
         rescue Exception => e # rubocop:disable Lint/RescueException
-          raise "case #{i} (FUZZ_SEED=#{SEED}): Writer#write raised #{e.class}: #{e.message[0, 300]}"
+          raise "case #{i} (FUZZ_SEED=#{FUZZ_SEED_VALUE}): Writer#write raised #{e.class}: #{e.message[0, 300]}"
         end
         begin
           exposures.record(**args, subject_attributes: attrs)
@@ -257,18 +257,18 @@ RSpec.describe "Nested and hostile input" do
         rescue ArgumentError
           outcomes[:argument_error] += 1
         rescue Exception => e # rubocop:disable Lint/RescueException
-          raise "case #{i} (FUZZ_SEED=#{SEED}): Exposures#record raised #{e.class}: #{e.message[0, 300]}"
+          raise "case #{i} (FUZZ_SEED=#{FUZZ_SEED_VALUE}): Exposures#record raised #{e.class}: #{e.message[0, 300]}"
         end
         slowest = [slowest, Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0].max
       end
       exposures.close(timeout: 0.1)
       # The input really is mixed: plenty of both outcomes on both APIs.
-      expect(outcomes.values_at(:written, :invalid, :recorded, :argument_error)).to all(be > CASES / 20)
+      expect(outcomes.values_at(:written, :invalid, :recorded, :argument_error)).to all(be > FUZZ_COUNT / 20)
       expect(slowest).to be < 2.0
     end
 
     it "raises only InvalidTraceError from Transport#send_traces for whole batches" do
-      rng = Random.new(SEED + 1)
+      rng = Random.new(FUZZ_SEED_VALUE + 1)
       invalid = 0
       # Closed: batches that convert come back as a failed Response.
       closed = Exporter::Transport.new(url: "http://127.0.0.1:9").tap(&:close)
@@ -279,7 +279,7 @@ RSpec.describe "Nested and hostile input" do
         rescue Exporter::InvalidTraceError
           invalid += 1
         rescue Exception => e # rubocop:disable Lint/RescueException
-          raise "batch #{i} (FUZZ_SEED=#{SEED}): send_traces raised #{e.class}: #{e.message[0, 300]}"
+          raise "batch #{i} (FUZZ_SEED=#{FUZZ_SEED_VALUE}): send_traces raised #{e.class}: #{e.message[0, 300]}"
         end
       end
       expect(invalid).to be > 30

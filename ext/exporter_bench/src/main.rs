@@ -7,10 +7,15 @@
 //!   one core at most.
 //! - `ceiling --url U --seconds S`: POSTs one pre-encoded 10-trace body over
 //!   keep-alive as fast as possible: the sink's own ceiling in spans/s.
-//! - `limit --url U --seconds S`: what the native side can do when
-//!   conversion is free: pre-built Rust spans, encoded with rmp-serde (v0.4)
-//!   and POSTed by hyper, 10 traces per request. Prints JSON.
-//! - `encode`: the v0.4 encoder alone, CPU per span. Prints JSON.
+//! - `limit --url U --seconds S [--ids SHAPE]`: the ceiling of this design
+//!   when conversion is free: pre-built `exporter_core` spans encoded by the
+//!   project's own v0.4 encoder and POSTed by its own HTTP client, 10
+//!   traces per request. Prints JSON.
+//! - `encode [--ids SHAPE]`: the v0.4 encoder alone, CPU per span. Prints
+//!   JSON.
+//!
+//! `SHAPE` is the workload's id shape, as in bench/workload.rb: `ddtrace`
+//! or `random64` (the default).
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -25,14 +30,57 @@ use hyper::{Request, Response};
 const SPANS_PER_TRACE: usize = 50;
 const TRACES_PER_REQUEST: usize = 10;
 
+/// SplitMix64: a seeded, deterministic id source.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn nonzero(&mut self, bits: u32) -> u64 {
+        loop {
+            let v = self.next() >> (64 - bits);
+            if v != 0 {
+                return v;
+            }
+        }
+    }
+}
+
+/// The trace id and span ids of trace `n` in an id shape (see
+/// bench/workload.rb): `ddtrace` a 128-bit trace id and 62-bit span ids,
+/// `random64` 64-bit ids throughout.
+fn workload_ids(n: u64, shape: &str) -> (u128, Vec<u64>) {
+    let mut rng = Rng(0x5EED + n);
+    if shape == "ddtrace" {
+        let trace_id = (u128::from(1_700_000_000 + n) << 96) | u128::from(rng.nonzero(64));
+        (
+            trace_id,
+            (0..SPANS_PER_TRACE).map(|_| rng.nonzero(62)).collect(),
+        )
+    } else {
+        let trace_id = u128::from(rng.nonzero(64));
+        (
+            trace_id,
+            (0..SPANS_PER_TRACE).map(|_| rng.nonzero(64)).collect(),
+        )
+    }
+}
+
 /// The benchmark workload, the same shape as bench/workload.rb: traces of
-/// 50 spans with realistic meta and metrics and 64-bit ids.
-fn workload_trace(n: u64) -> Trace {
+/// 50 spans with realistic meta and metrics, ids of the given shape.
+fn workload_trace(n: u64, shape: &str) -> Trace {
+    let (trace_id, span_ids) = workload_ids(n, shape);
     let spans: Vec<SpanData> = (0..SPANS_PER_TRACE as u64)
         .map(|i| SpanData {
-            trace_id: u128::from((n + 1) * 1_000_003),
-            span_id: (n + 1) * 1_000 + i + 1,
-            parent_id: if i == 0 { 0 } else { (n + 1) * 1_000 + 1 },
+            trace_id,
+            span_id: span_ids[i as usize],
+            parent_id: if i == 0 { 0 } else { span_ids[0] },
             name: if i == 0 {
                 "rack.request"
             } else {
@@ -151,6 +199,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let cmd = args.get(1).map(String::as_str).unwrap_or("");
     let url = arg(&args, "--url").unwrap_or_else(|| "http://127.0.0.1:8126".into());
+    let shape = arg(&args, "--ids").unwrap_or_else(|| "random64".into());
     let seconds: f64 = arg(&args, "--seconds")
         .and_then(|s| s.parse().ok())
         .unwrap_or(2.0);
@@ -170,14 +219,16 @@ fn main() {
             }
         }
         "ceiling" => {
-            let traces: Vec<Trace> = (0..TRACES_PER_REQUEST as u64).map(workload_trace).collect();
+            let traces: Vec<Trace> = (0..TRACES_PER_REQUEST as u64)
+                .map(|n| workload_trace(n, &shape))
+                .collect();
             let body = Bytes::from(v04::encode(&traces, &SpanDefaults::default()));
             let (handle, _) = exporter_core::runtime::handle().expect("runtime");
             let out = handle.block_on(post_loop(&url, seconds, || body.clone()));
             println!("{out}");
         }
         "limit" => {
-            let traces: Vec<Trace> = (0..1_000u64).map(workload_trace).collect();
+            let traces: Vec<Trace> = (0..1_000u64).map(|n| workload_trace(n, &shape)).collect();
             let mut next = 0usize;
             let (handle, _) = exporter_core::runtime::handle().expect("runtime");
             let out = handle.block_on(post_loop(&url, seconds, || {
@@ -192,7 +243,7 @@ fn main() {
         }
         "encode" => {
             // Encoding alone (no HTTP): CPU per span of the v0.4 encoder.
-            let traces: Vec<Trace> = (0..1_000u64).map(workload_trace).collect();
+            let traces: Vec<Trace> = (0..1_000u64).map(|n| workload_trace(n, &shape)).collect();
             let d = SpanDefaults::default();
             let cpu0 = process_cpu();
             let rounds = 20;
@@ -210,7 +261,7 @@ fn main() {
             );
         }
         _ => {
-            eprintln!("usage: exporter-bench sink [--port P] [--hang] | ceiling --url U [--seconds S] | limit --url U [--seconds S]");
+            eprintln!("usage: exporter-bench sink [--port P] [--hang] | ceiling --url U [--seconds S] | limit --url U [--seconds S] [--ids ddtrace|random64] | encode [--ids ddtrace|random64]");
             std::process::exit(2);
         }
     }
