@@ -159,6 +159,22 @@ RSpec.describe "reliability" do # rubocop:disable RSpec/DescribeClass
     end
   end
 
+  describe "fork (flag evaluations)" do
+    it "waits for a slow in-flight POST of evaluation rows: each counted once" do
+      s = EvpRecorder.new { [:sleep, 0.6, [202, {}, "{}"]] }
+      (@servers ||= []) << s
+      e = Exporter::FlagEvaluations.new(url: s.url, timeout: 3, flush_interval: 60)
+      7.times { e.record(flag: "f", variant: "on", allocation: "a") }
+      flusher = Thread.new { e.flush(timeout: 10) }
+      eventually { s.received.size == 1 } # the rows are in flight
+      expect(fork_and_wait { exit!(0) }).to be_success
+      expect(flusher.join(15)&.value).to be(true)
+      counts = s.bodies.flat_map { |b| b["flagEvaluations"] }.sum { |r| r["evaluation_count"] }
+      expect(counts).to eq(7)
+      e.close
+    end
+  end
+
   describe "objects dropped without stop or close" do
     def sockets = Dir.children("/proc/self/fd").count { |fd| File.readlink("/proc/self/fd/#{fd}").start_with?("socket:") rescue false } # rubocop:disable Style/RescueModifier
 

@@ -44,8 +44,8 @@ use crate::log::ProblemLog;
 use crate::retry::RetryPolicy;
 use crate::worker::{CatchUnwind, Worker};
 
-/// How long `pause` lets a cycle finish before cancelling it.
-const PAUSE_GRACE: Duration = Duration::from_millis(250);
+/// Added to the attempt timeout while `pause` waits for a cycle to finish.
+const PAUSE_MARGIN: Duration = Duration::from_millis(100);
 /// How long `pause` waits for a cancelled task to stop.
 const PAUSE_LIMIT: Duration = Duration::from_secs(1);
 
@@ -103,6 +103,9 @@ struct Counters {
 #[derive(Default)]
 struct Control {
     stop: Option<CancellationToken>,
+    /// Cancelled by `pause`: the attempt in flight finishes, no retry
+    /// follows (see `agent::Post::stop_retrying`).
+    stop_retrying: Option<CancellationToken>,
     running: bool,
 }
 
@@ -487,6 +490,7 @@ impl InFlight<'_> {
 
     async fn send(&mut self, generation: u64, report: &mut SendReport) -> bool {
         let w = self.worker;
+        let stop_retrying = w.control().stop_retrying.clone();
         let c = &w.counters;
         let deadline = Instant::now() + w.deadline;
         let headers = [
@@ -500,8 +504,7 @@ impl InFlight<'_> {
             headers: &headers,
             timeout: w.timeout,
             retry: &w.retry,
-            // A fork cancels the cycle; its rows go back (see `InFlight`).
-            stop_retrying: None,
+            stop_retrying: stop_retrying.as_ref(),
         };
         let timestamp = now_ms();
         let mut sent_all = true;
@@ -593,6 +596,7 @@ impl Worker for EvaluationWorker {
                 return;
             }
             ctl.stop = Some(token.clone());
+            ctl.stop_retrying = Some(CancellationToken::new());
             ctl.running = true;
         }
         self.pausing.store(false, Ordering::Release);
@@ -602,10 +606,16 @@ impl Worker for EvaluationWorker {
         self.wake.notify_one();
     }
 
+    /// Lets the attempt in flight finish (up to its timeout) with no retry
+    /// after it, so rows are neither cut off mid-request nor sent twice;
+    /// past that bound the cycle is cancelled and its rows go back.
     fn pause(&self) {
         self.pausing.store(true, Ordering::Release);
+        if let Some(t) = self.control().stop_retrying.take() {
+            t.cancel();
+        }
         self.wake.notify_one();
-        if !self.wait_idle(PAUSE_GRACE) {
+        if !self.wait_idle(self.client.attempt_timeout(self.timeout) + PAUSE_MARGIN) {
             if let Some(t) = self.control().stop.take() {
                 t.cancel();
             }
