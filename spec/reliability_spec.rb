@@ -261,15 +261,18 @@ RSpec.describe "reliability" do # rubocop:disable RSpec/DescribeClass
       dead = "http://127.0.0.1:#{TestAgent.free_port}"
       w = Exporter::Writer.new(transport: Exporter::Transport.new(url: dead, timeout: 0.1), flush_interval: 60)
       e = Exporter::Exposures.new(url: dead, timeout: 0.1, flush_interval: 60)
+      f = Exporter::FlagEvaluations.new(url: dead, timeout: 0.1, flush_interval: 60)
       7.times { |i| w.write(SpanFactory.trace(i + 1)) }
       3.times { |i| e.record(flag: "f", allocation: "a", variant: "v", subject_id: "s#{i}") }
+      5.times { f.record(flag: "f", variant: "on") }
       log = StringIO.new
       unsent = Exporter::ExitFlush.run(timeout: 0.5, log: log)
-      expect(unsent).to include("traces" => 7, "exposures" => 3)
+      expect(unsent).to include("traces" => 7, "exposures" => 3, "flag evaluations" => 5)
       expect(log.string.lines.size).to eq(1)
-      expect(log.string).to match(/at exit, 7 traces, 3 exposures could not be sent within 0.5 s.*connect failed/)
+      expect(log.string).to match(/at exit, 3 exposures, 5 flag evaluations, 7 traces could not be sent within 0.5 s.*connect failed/)
       w.stop(timeout: 0.1)
       e.close(timeout: 0.1)
+      f.close(timeout: 0.1)
     end
 
     it "a short-lived process prints that line at exit" do

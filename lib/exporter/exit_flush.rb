@@ -24,6 +24,10 @@ module Exporter
 
       def stopped? = @stopped == true
 
+      # Items accepted and not yet settled (sent, failed or dropped): what
+      # would be lost if the process ended now.
+      def unsent = stats[:queued]
+
       private
 
       # Flushes (bounded by `timeout`), then stops for good: later items are
@@ -67,15 +71,15 @@ module Exporter
         unsent = Hash.new(0)
         problems = []
         live.each do |f|
-          stats = f.stats
-          next unless stats[:queued].positive?
+          n = f.unsent
+          next unless n.positive?
 
-          unsent[f.class::UNSENT_NOUN] += stats[:queued]
-          problems << stats[:last_error] if stats[:last_error]
+          unsent[f.class::UNSENT_NOUN] += n
+          problems << f.stats[:last_error] if f.stats[:last_error]
         end
         return unsent if unsent.empty?
 
-        counts = unsent.map { |noun, n| "#{n} #{noun}" }.join(", ")
+        counts = unsent.sort.map { |noun, n| "#{n} #{noun}" }.join(", ")
         cause = problems.empty? ? "" : " (last problem: #{problems.uniq.first(2).join('; ')})"
         log&.puts("exporter: at exit, #{counts} could not be sent within #{timeout} s and are lost#{cause}")
         unsent

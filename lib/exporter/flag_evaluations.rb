@@ -25,6 +25,8 @@ module Exporter
     DEFAULT_FLUSH_INTERVAL = 10.0
     DEFAULT_QUEUE_SIZE = 4096
     MAX_PAYLOAD_SIZE = 5 * 1024 * 1024
+    # What `ExitFlush` calls the items it could not send.
+    UNSENT_NOUN = "flag evaluations"
 
     def self.new(url: nil, service: nil, env: nil, version: nil, flush_interval: DEFAULT_FLUSH_INTERVAL,
                  queue_size: DEFAULT_QUEUE_SIZE, timeout: nil, max_payload_size: MAX_PAYLOAD_SIZE)
@@ -60,5 +62,8 @@ module Exporter
     # Flushes (bounded by `timeout`), then stops the worker. Later records
     # return false. Idempotent; returns the flush result.
     def close(timeout: DEFAULT_TIMEOUT) = flush_and_stop(timeout)
+
+    # Evaluations recorded and not yet settled (see `ExitFlush`).
+    def unsent = stats[:pending]
   end
 end
