@@ -201,6 +201,10 @@ RSpec.describe Exporter::FlagEvaluations do
     expect { e.record(flag: "f", error_code: 1) }.to raise_error(ArgumentError, /error_code/)
     expect { e.record(flag: "f", error_message: 1) }.to raise_error(ArgumentError, /error_message/)
     expect { e.record(flag: "f", timestamp_ms: "now") }.to raise_error(ArgumentError, /timestamp_ms/)
+    # The intake refuses a whole body with a row outside its range: refused here, one by one.
+    [-1, 0, 1_700_000_000, 1_700_000_000_000, 2**53 + 1, 2**100].each do |ms|
+      expect { e.record(flag: "f", timestamp_ms: ms) }.to raise_error(ArgumentError, /timestamp_ms/)
+    end
     expect { described_class.new(url: server.url, queue_size: 0) }.to raise_error(ArgumentError, /queue_size/)
     expect { described_class.new(url: server.url, flush_interval: 0) }.to raise_error(ArgumentError, /flush_interval/)
     expect(e.stats[:recorded]).to eq(0)

@@ -21,6 +21,10 @@ use magnus::{
 };
 
 use crate::gvl::{self, Ran};
+
+/// Evaluation times the intake accepts (its schema's minimum), up to the
+/// largest integer JSON readers keep exact.
+const TIMESTAMP_RANGE: std::ops::RangeInclusive<i64> = 1_759_276_800_000..=(1 << 53);
 use crate::{convert, errors, writer};
 
 #[magnus::wrap(class = "Exporter::FlagEvaluations", free_immediately, size)]
@@ -226,11 +230,26 @@ impl FlagEvaluations {
         let timestamp_ms = if timestamp_ms.is_nil() {
             now_ms()
         } else {
-            Integer::from_value(timestamp_ms)
+            let ms = Integer::from_value(timestamp_ms)
                 .and_then(|i| i.to_i64().ok())
-                .ok_or_else(|| {
-                    errors::argument(ruby, "timestamp_ms must be an Integer (milliseconds)")
-                })?
+                .filter(|ms| TIMESTAMP_RANGE.contains(ms));
+            match ms {
+                Some(ms) => ms,
+                // Metadata from a provider: not the application's mistake.
+                None if from_hook.to_bool() => now_ms(),
+                // The intake refuses a whole body holding a row outside
+                // this range: refuse the one evaluation instead.
+                None => {
+                    return Err(errors::argument(
+                        ruby,
+                        format!(
+                            "timestamp_ms must be an Integer of milliseconds since the epoch, \
+                             from {} (2025-10-01) to 2^53",
+                            TIMESTAMP_RANGE.start()
+                        ),
+                    ))
+                }
+            }
         };
         let e = Evaluation {
             flag,
