@@ -27,11 +27,7 @@ RSpec.describe Exporter::Sidecar do
   end
 
   def expect_trace_ids(ids)
-    got = eventually(timeout: 15) do
-      expect(described_class.flush(timeout: 5)).to be(true)
-      t = agent.traces
-      t if t.size >= ids.size
-    end
+    got = eventually_via_sidecar { (t = agent.traces).size >= ids.size && t }
     expect(got.map { |t| t.first["trace_id"] }.sort).to eq(ids.sort)
   end
 
@@ -125,8 +121,7 @@ RSpec.describe Exporter::Sidecar do
         { flushed: exposures.flush(timeout: 10) }
       end
     end
-    expect(described_class.flush(timeout: 10)).to be(true)
-    got = eventually(timeout: 10) { (e = agent.exposures).size >= 5 && e }
+    got = eventually_via_sidecar { (e = agent.exposures).size >= 5 && e }
     subjects = got.map { |e| e["subject"]["id"] }
     expect(subjects.sort).to eq(%w[user-1 worker-0 worker-1 worker-2 worker-3])
   ensure
@@ -142,7 +137,7 @@ RSpec.describe Exporter::Sidecar do
         { flushed: evals.flush(timeout: 10) }
       end
     end
-    expect(described_class.flush(timeout: 10)).to be(true)
+    eventually_via_sidecar { server.bodies.any? }
     rows = server.bodies.flat_map { |b| b["flagEvaluations"] }
     expect(rows.size).to eq(1)
     expect(rows.first).to include("evaluation_count" => 12, "flag" => { "key" => "checkout" })

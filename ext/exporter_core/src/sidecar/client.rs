@@ -23,7 +23,7 @@ use super::COUNTERS;
 use crate::log::ProblemLog;
 
 /// How long a handover may wait for its answer (and a write for room).
-pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a payload was not handed over (the caller sends it direct).
 #[derive(Debug)]
@@ -241,11 +241,7 @@ type Decoder<T> = fn(&[u8]) -> Result<Option<(T, usize)>, WireError>;
 
 /// Reads until `decode` finds a whole message at the front of the input
 /// buffer (consumed), by `deadline`.
-fn read_until<T>(
-    c: &mut Conn,
-    deadline: Instant,
-    decode: Decoder<T>,
-) -> Result<T, HandoverError> {
+fn read_until<T>(c: &mut Conn, deadline: Instant, decode: Decoder<T>) -> Result<T, HandoverError> {
     let mut chunk = [0u8; 4096];
     loop {
         if let Some((value, used)) = decode(&c.inbuf).map_err(HandoverError::Protocol)? {

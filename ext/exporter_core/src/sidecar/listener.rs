@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::wire::{self, EvpRoute, Hello, Kind, TraceRoute, Welcome, WireError};
 use crate::agent::{Config as AgentConfig, SendReport, TraceExporter};
 use crate::batch::{BatchSink, BatchWorker};
-use crate::exposures::{self, EvpSink, ExposureWorker, FLUSH_AT};
+use crate::exposures::{self, EvpSink, ExposureWorker};
 use crate::flags::worker::{Config as EvaluationConfig, EvaluationWorker};
 use crate::log::ProblemLog;
 use crate::worker::Worker;
@@ -181,6 +181,16 @@ impl BatchSink<Body> for BodySink {
     fn attempt_timeout(&self) -> Duration {
         self.exporter.attempt_timeout()
     }
+}
+
+/// Whether a route stays when a new one is needed: one that holds
+/// nothing is stopped and let go (it is made again on its next payload).
+fn keep_route(held: u64, stop: impl FnOnce()) -> bool {
+    if held > 0 {
+        return true;
+    }
+    stop();
+    false
 }
 
 /// The trace sender of one route.
@@ -584,6 +594,9 @@ impl Listener {
         if let Some((_, w)) = routes.traces.iter().find(|(r, _)| r == route) {
             return Ok(w.clone());
         }
+        routes
+            .traces
+            .retain(|(_, w)| keep_route(w.stats().queued, || w.stop()));
         if routes.traces.len() >= MAX_ROUTES {
             return Err(format!(
                 "listener serves {MAX_ROUTES} trace destinations already"
@@ -604,7 +617,9 @@ impl Listener {
                 counters: self.counters.clone(),
             },
             self.limits.bodies,
-            64,
+            // Sent as soon as one arrives: bodies batch up by themselves
+            // while a request is in flight.
+            1,
             FLUSH_INTERVAL,
             "sidecar listener traces",
         ));
@@ -618,6 +633,9 @@ impl Listener {
         if let Some((_, w)) = routes.exposures.iter().find(|(r, _)| r == route) {
             return Ok(w.clone());
         }
+        routes
+            .exposures
+            .retain(|(_, w)| keep_route(w.stats().queued, || w.stop()));
         if routes.exposures.len() >= MAX_ROUTES {
             return Err(format!(
                 "listener serves {MAX_ROUTES} exposure destinations already"
@@ -628,7 +646,7 @@ impl Listener {
         let w = Arc::new(BatchWorker::new(
             super::sink::Sidecar::new(sink),
             self.limits.exposures,
-            FLUSH_AT,
+            1,
             FLUSH_INTERVAL,
             "sidecar listener exposures",
         ));
@@ -642,6 +660,9 @@ impl Listener {
         if let Some((_, w)) = routes.evaluations.iter().find(|(r, _)| r == route) {
             return Ok(w.clone());
         }
+        routes
+            .evaluations
+            .retain(|(_, w)| keep_route(w.stats().pending, || w.stop()));
         if routes.evaluations.len() >= MAX_ROUTES {
             return Err(format!(
                 "listener serves {MAX_ROUTES} evaluation destinations already"
