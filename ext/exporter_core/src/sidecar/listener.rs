@@ -721,6 +721,16 @@ impl Listener {
         )
     }
 
+    /// Exposures the shared dedup suppressed (the same assignment handed
+    /// over by several workers).
+    pub fn exposures_deduplicated(&self) -> u64 {
+        self.routes()
+            .exposures
+            .iter()
+            .map(|(_, w)| w.sink().counters.deduplicated.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// In a forked child: close every inherited connection (they belong to
     /// the parent) and stop the senders; this listener serves nothing
     /// again.

@@ -317,6 +317,7 @@ pub fn status() -> Status {
                 "exposures_received",
                 n.exposures_received.load(Ordering::Relaxed),
             ),
+            ("exposures_deduplicated", l.exposures_deduplicated()),
             (
                 "evaluations_received",
                 n.evaluations_received.load(Ordering::Relaxed),
