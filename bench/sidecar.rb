@@ -57,7 +57,10 @@ def server_run(mode, agent)
   max_conns = Hash.new(0)
   sampler = Thread.new do
     until ids.empty?
-      ([pid] + workers).each { |p| max_conns[p] = [max_conns[p], AgentSockets.connections(p, URI(agent.url).port)].max rescue nil } # rubocop:disable Style/RescueModifier
+      ([pid] + workers).each do |p|
+        n = (AgentSockets.connections(p, URI(agent.url).port) rescue 0) # rubocop:disable Style/RescueModifier
+        max_conns[p] = [max_conns[p], n].max
+      end
       sleep 0.05
     end
   end
@@ -86,8 +89,8 @@ def server_run(mode, agent)
     worker_threads: live.map { |w| threads(w) }.max,
     master_threads: threads(pid),
     worker_pss_kb: live.sum { |w| pss_kb(w) } / [live.size, 1].max,
-    worker_cpu_s: live.sum { |w| proc_cpu(w) - cpu0.fetch(w, 0) },
-    master_cpu_s: proc_cpu(pid) - cpu0[pid]
+    worker_cpu_s: live.sum { |w| proc_cpu(w) - cpu0.fetch(w, 0) }.round(2),
+    master_cpu_s: (proc_cpu(pid) - cpu0[pid]).round(2)
   }
   Process.kill(:TERM, pid)
   wait_bounded(pid, timeout: 30)
