@@ -203,9 +203,11 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
         &self.sink
     }
 
-    /// Whether `n` more items fit in the buffer now.
+    /// Whether `n` more items fit now, counting those in flight (they are
+    /// still held: a failed send puts them back).
     pub fn has_room(&self, n: usize) -> bool {
-        self.queue().len() + n <= self.capacity && !self.stopped.load(Ordering::Acquire)
+        let held = self.queue().len() + self.in_flight.load(Ordering::Acquire) as usize;
+        held + n <= self.capacity && !self.stopped.load(Ordering::Acquire)
     }
 
     fn queue(&self) -> MutexGuard<'_, VecDeque<(u64, T)>> {
