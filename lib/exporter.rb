@@ -15,6 +15,7 @@ rescue LoadError => e
 end
 
 require_relative "exporter/runtime"
+require_relative "exporter/sidecar"
 require_relative "exporter/transport"
 require_relative "exporter/exit_flush"
 require_relative "exporter/writer"
@@ -26,4 +27,5 @@ require_relative "exporter/open_feature/hook"
 module Exporter
   AtFork.install!
   Runtime.install!
+  Sidecar.install!
 end

@@ -106,7 +106,7 @@ RSpec.describe Exporter::Exposures do
       expect(status).to be_success
       record(e, subject: "parent-2")
       expect(e.flush(timeout: 5)).to be(true)
-      ids = agent.exposures.map { |x| x["subject"]["id"] }
+      ids = eventually_via_sidecar { (got = agent.exposures).size >= 4 && got }.map { |x| x["subject"]["id"] }
       expect(ids.sort).to eq(%w[child-1 parent-1 parent-1 parent-2])
       expect(e.stats).to include(sent: 2, recorded: 2)
     end

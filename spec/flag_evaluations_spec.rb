@@ -269,6 +269,7 @@ RSpec.describe Exporter::FlagEvaluations do
       end
       expect(status.success?).to be(true)
       expect(e.flush(timeout: 10)).to be(true)
+      eventually_via_sidecar { server.rows.size >= 2 }
       counts = server.rows.group_by { |r| r["targeting_key"] }.transform_values { |rs| rs.sum { |r| r["evaluation_count"] } }
       expect(counts).to eq("parent" => 5, "child" => 7)
       expect(server.rows.size).to eq(2)

@@ -77,6 +77,7 @@ RSpec.describe "fork safety" do # rubocop:disable RSpec/DescribeClass
     expect(status).to be_success
     expect(w.flush(timeout: 5)).to be(true)
     expect(w.stats).to include(written: 5, sent: 5, dropped: 0, failed: 0, queued: 0)
+    eventually_via_sidecar { trace_ids.size >= 6 }
     expect(trace_ids).to eq([1, 2, 3, 4, 5, 100])
     w.stop
   end

@@ -10,6 +10,7 @@ RSpec.configure do |config|
   config.disable_monkey_patching!
   config.order = :defined
   config.include ProcessHelpers
+  config.include SidecarHelpers
 
   # No spec may hang the suite.
   config.around do |example|

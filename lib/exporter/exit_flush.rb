@@ -62,14 +62,24 @@ module Exporter
 
           f.flush(timeout: left)
         end
+        flush_sidecar(deadline)
         report_unsent(live, timeout, log)
       end
 
       private
 
+      # In a sidecar listener (the master), what the workers handed over.
+      def flush_sidecar(deadline)
+        left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
+        Sidecar.flush(timeout: left) if left.positive?
+      rescue StandardError
+        nil
+      end
+
       def report_unsent(live, timeout, log)
         unsent = Hash.new(0)
         problems = []
+        sidecar_unsent(unsent)
         live.each do |f|
           n = f.unsent
           next unless n.positive?
@@ -85,6 +95,14 @@ module Exporter
         unsent
       rescue StandardError
         unsent
+      end
+
+      def sidecar_unsent(unsent)
+        c = Sidecar.status[:counters]
+        unsent["trace payloads handed over by workers"] += c[:bodies_pending].to_i
+        unsent["exposures handed over by workers"] += c[:exposures_pending].to_i
+        unsent["flag evaluations handed over by workers"] += c[:evaluations_pending].to_i
+        unsent.delete_if { |_, n| n.zero? }
       end
     end
   end

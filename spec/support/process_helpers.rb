@@ -66,3 +66,17 @@ module ProcessHelpers
     end
   end
 end
+
+# With the sidecar on (EXPORTER_SIDECAR=auto, the default), a forked
+# child's `flush` returns once the spec process's listener holds what it
+# wrote; the listener sends it right after. Waits for `yield` to be
+# truthy, asking the listener to flush meanwhile (a no-op with the sidecar
+# off, or with no listener).
+module SidecarHelpers
+  def eventually_via_sidecar(timeout: 15, &block)
+    eventually(timeout: timeout, interval: 0.05) do
+      Exporter::Sidecar.flush(timeout: 0.2)
+      block.call
+    end
+  end
+end

@@ -9,6 +9,7 @@ use exporter_core::batch::BatchWorker;
 use exporter_core::exposures::{
     self, Context, DedupKey, EvpSink, Exposure, ExposureWorker, FLUSH_AT,
 };
+use exporter_core::sidecar::sink::Sidecar;
 use exporter_core::span::AttributeValue;
 use exporter_core::worker;
 use magnus::value::ReprValue;
@@ -126,7 +127,7 @@ impl Exposures {
             .map_err(|e| errors::argument(ruby, e))?
             .with_max_payload(max_payload);
         let inner = Arc::new(BatchWorker::new(
-            sink,
+            Sidecar::new(sink),
             buffer_size,
             FLUSH_AT,
             flush_interval,

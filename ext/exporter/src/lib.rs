@@ -7,6 +7,7 @@
 //! - `exposures`: `Exporter::Exposures`
 //! - `flag_evaluations`: `Exporter::FlagEvaluations`
 //! - `native`: `Exporter::Native` (runtime fork lifecycle)
+//! - `sidecar`: `Exporter::Sidecar` (mode, start, flush, status)
 //! - `convert`: Ruby spans to core spans (the GVL-held part)
 //! - `gvl`: waiting without the GVL, with a cancelling unblock function
 
@@ -16,6 +17,7 @@ mod exposures;
 mod flag_evaluations;
 mod gvl;
 mod native;
+mod sidecar;
 mod transport;
 mod writer;
 
@@ -30,5 +32,6 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     exposures::init(ruby, module)?;
     flag_evaluations::init(ruby, module)?;
     native::init(module)?;
+    sidecar::init(ruby, module)?;
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use exporter_core::batch::{BatchSink, BatchWorker, TraceWriter, MAX_BATCH};
+use exporter_core::sidecar::sink::Sidecar;
 use exporter_core::worker;
 use magnus::{function, method, prelude::*, Error, RHash, RModule, Ruby, Value};
 
@@ -28,7 +29,7 @@ impl Writer {
     ) -> Result<Writer, Error> {
         let capacity = errors::positive(ruby, "buffer_size", buffer_size)?;
         let inner = Arc::new(TraceWriter::new(
-            transport.exporter(),
+            Sidecar::new(transport.exporter()),
             capacity,
             // Send early once half the buffer is used.
             (capacity / 2).min(MAX_BATCH),

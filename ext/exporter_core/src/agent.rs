@@ -290,6 +290,38 @@ impl TraceExporter {
         report
     }
 
+    /// Sends one body already encoded (by a sidecar client) with retries,
+    /// under the same deadline rule as [`TraceExporter::send`]. Requests,
+    /// status and the problem met are noted in `report`; trace counts are
+    /// the caller's to keep.
+    pub async fn send_encoded(
+        &self,
+        body: Bytes,
+        trace_count: usize,
+        generation: u64,
+        stop_retrying: Option<&CancellationToken>,
+        report: &mut SendReport,
+    ) -> Result<(), Undelivered> {
+        if self.is_closed() {
+            report.note_error("transport is closed");
+            return Err(Undelivered {
+                retryable: false,
+                maybe_arrived: false,
+            });
+        }
+        let c = &self.config;
+        let deadline = Instant::now() + c.deadline.max(self.client.attempt_timeout(c.timeout));
+        self.post_with_retries(
+            body,
+            trace_count,
+            deadline,
+            generation,
+            stop_retrying,
+            report,
+        )
+        .await
+    }
+
     fn take_spare(&self) -> Vec<u8> {
         self.spare
             .lock()

@@ -80,8 +80,9 @@ impl BatchSink<Trace> for Arc<TraceExporter> {
     }
 }
 
-/// The asynchronous trace writer.
-pub type TraceWriter = BatchWorker<Trace, Arc<TraceExporter>>;
+/// The asynchronous trace writer: through the sidecar when the process
+/// is a sidecar client, else direct.
+pub type TraceWriter = BatchWorker<Trace, crate::sidecar::sink::Sidecar<Arc<TraceExporter>>>;
 
 /// Items sent per request batch at most.
 pub const MAX_BATCH: usize = 1_000;
@@ -200,6 +201,13 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
 
     pub fn sink(&self) -> &S {
         &self.sink
+    }
+
+    /// Whether `n` more items fit now, counting those in flight (they are
+    /// still held: a failed send puts them back).
+    pub fn has_room(&self, n: usize) -> bool {
+        let held = self.queue().len() + self.in_flight.load(Ordering::Acquire) as usize;
+        held + n <= self.capacity && !self.stopped.load(Ordering::Acquire)
     }
 
     fn queue(&self) -> MutexGuard<'_, VecDeque<(u64, T)>> {

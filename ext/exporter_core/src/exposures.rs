@@ -421,6 +421,7 @@ pub struct ExposureCounters {
 
 /// Sends exposures through the agent's EVP proxy.
 pub struct EvpSink {
+    url: String,
     client: Client,
     context: Context,
     timeout: Duration,
@@ -439,6 +440,7 @@ impl EvpSink {
         dedup_cache_size: usize,
     ) -> Result<EvpSink, UrlError> {
         Ok(EvpSink {
+            url: url.to_owned(),
             client: Client::new(Endpoint::parse(url)?),
             context,
             timeout,
@@ -454,6 +456,14 @@ impl EvpSink {
     pub fn with_max_payload(mut self, bytes: usize) -> EvpSink {
         self.max_payload = bytes;
         self
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.context
     }
 
     pub fn dedup(&self) -> MutexGuard<'_, Dedup> {
@@ -539,8 +549,9 @@ impl BatchSink<Exposure> for EvpSink {
     }
 }
 
-/// Exposures: dedup in front of a batch worker.
-pub type ExposureWorker = BatchWorker<Exposure, EvpSink>;
+/// Exposures: dedup in front of a batch worker, sending through the
+/// sidecar when the process is a sidecar client.
+pub type ExposureWorker = BatchWorker<Exposure, crate::sidecar::sink::Sidecar<EvpSink>>;
 
 /// Records one exposure: false when it was deduplicated or dropped.
 pub fn record(worker: &Arc<ExposureWorker>, e: Exposure, attributes_dropped: u64) -> bool {

@@ -19,6 +19,7 @@ pub mod http;
 pub mod log;
 pub mod retry;
 pub mod runtime;
+pub mod sidecar;
 pub mod span;
 pub mod split;
 pub mod worker;

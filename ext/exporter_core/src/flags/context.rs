@@ -156,6 +156,18 @@ impl Canonical {
         self.0.len()
     }
 
+    /// The encoded bytes (the sidecar's wire protocol carries them).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// A key received from another process. Bytes that are not a valid
+    /// encoding are harmless: [`Canonical::fields`] stops at anything
+    /// malformed, and the key still compares byte for byte.
+    pub fn from_bytes(bytes: Vec<u8>) -> Canonical {
+        Canonical(bytes)
+    }
+
     /// The fields, decoded in key order.
     pub fn fields(&self) -> Fields<'_> {
         Fields(&self.0)

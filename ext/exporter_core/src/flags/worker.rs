@@ -122,6 +122,8 @@ struct Flushes {
 
 /// Aggregates evaluations and sends them.
 pub struct EvaluationWorker {
+    /// Where rows go, as a sidecar route.
+    route: crate::sidecar::wire::EvpRoute,
     client: Client,
     head: Vec<u8>,
     timeout: Duration,
@@ -158,6 +160,7 @@ impl EvaluationWorker {
     pub fn new(config: Config) -> Result<EvaluationWorker, UrlError> {
         let capacity = config.queue_size.max(1);
         Ok(EvaluationWorker {
+            route: crate::sidecar::wire::EvpRoute::new(&config.url, &config.context),
             client: Client::new(Endpoint::parse(&config.url)?),
             head: head(&config.context),
             timeout: config.timeout,
@@ -215,6 +218,20 @@ impl EvaluationWorker {
             self.wake.notify_one();
         }
         true
+    }
+
+    /// Adds rows aggregated elsewhere (by the workers of a sidecar
+    /// listener) into this window's aggregate, summed with what is there;
+    /// what the caps cannot hold is dropped and counted.
+    pub fn merge_rows(&self, rows: Vec<Row>) {
+        let c = &self.counters;
+        let mut agg = self.aggregate();
+        for row in rows {
+            let n = row.counts.count;
+            c.recorded.fetch_add(n, Ordering::Relaxed);
+            c.held.fetch_add(n, Ordering::AcqRel);
+            self.land(&mut agg, row.key, row.counts, row.tier, false);
+        }
     }
 
     /// Counts an evaluation the OpenFeature hook could not record
@@ -506,11 +523,19 @@ impl InFlight<'_> {
             retry: &w.retry,
             stop_retrying: stop_retrying.as_ref(),
         };
+        if let Some(client) = crate::sidecar::client::current() {
+            crate::sidecar::client::blocking(|| self.hand_over(&client));
+        }
         let timestamp = now_ms();
         let mut sent_all = true;
         let mut start = 0;
         let mut buf = Vec::new();
         while start < self.rows.len() {
+            if self.fates[start] == Fate::Settled {
+                // Held by the sidecar listener already.
+                start += 1;
+                continue;
+            }
             let mut body = next_body(
                 &w.head,
                 &mut self.rows,
@@ -561,6 +586,44 @@ impl InFlight<'_> {
             }
         }
         sent_all
+    }
+}
+
+impl InFlight<'_> {
+    /// Hands the rows over to the sidecar listener, a frame at a time;
+    /// each acknowledged row is settled as sent. What is left is sent
+    /// direct by the caller (counted in the sidecar's `sent_direct`).
+    fn hand_over(&mut self, client: &crate::sidecar::client::Client) {
+        use crate::sidecar::{wire, COUNTERS};
+        let w = self.worker;
+        let budget = w.max_payload.min(wire::MAX_FRAME / 2);
+        let mut i = 0;
+        while i < self.rows.len() {
+            let start = i;
+            let mut size = 0;
+            while i < self.rows.len()
+                && (i == start || size + wire::row_size(&self.rows[i]) <= budget)
+            {
+                size += wire::row_size(&self.rows[i]);
+                i += 1;
+            }
+            let frame = wire::Evaluations {
+                route: w.route.clone(),
+                rows: self.rows[start..i].to_vec(),
+            }
+            .encode();
+            if client.handover(wire::Kind::Evaluations, &frame).is_err() {
+                COUNTERS.fallbacks.fetch_add(1, Ordering::Relaxed);
+                let left: u64 = self.rows[start..].iter().map(|r| r.counts.count).sum();
+                COUNTERS.sent_direct.fetch_add(left, Ordering::Relaxed);
+                return;
+            }
+            for j in start..i {
+                let n = self.rows[j].counts.count;
+                COUNTERS.handed_over.fetch_add(n, Ordering::Relaxed);
+                self.settle(j, &w.counters.sent);
+            }
+        }
     }
 }
 

@@ -1,0 +1,389 @@
+//! The client end of a sidecar connection, in a worker process.
+//!
+//! It owns one connected Unix stream (in thread mode the socketpair end
+//! inherited through fork) and hands payloads over one at a time:
+//! handshake on first use, then a frame, then wait for the `Ack` or `Nack`
+//! of its seq. Every wait is bounded ([`HANDOVER_TIMEOUT`]). The flushers
+//! of the batch workers call it (through [`super::sink`]); what it could
+//! not hand over they send direct.
+//!
+//! States: fresh (no handshake yet), ready, or broken for good (refused,
+//! closed, garbage, or a frame only partly written, after which the
+//! stream cannot be trusted). An `Ack` that does not come in time leaves
+//! the connection usable: a late one is recognised by its seq and skipped.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::wire::{self, Hello, Kind, Welcome, WireError};
+use super::COUNTERS;
+use crate::log::ProblemLog;
+
+/// How long a handover may wait for its answer (and a write for room).
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a payload was not handed over (the caller sends it direct).
+#[derive(Debug)]
+pub enum HandoverError {
+    /// The connection was unusable before this handover.
+    Broken(String),
+    /// The listener refused the handshake.
+    Refused(String),
+    /// The listener would not take this payload (full, bad route).
+    Nack(String),
+    /// No answer in time; the listener may still take it (then the direct
+    /// send duplicates it: at least once).
+    Timeout,
+    Io(std::io::Error),
+    Protocol(WireError),
+    /// The payload alone is larger than a frame may be.
+    TooLarge(usize),
+}
+
+impl std::fmt::Display for HandoverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandoverError::Broken(why) => write!(f, "sidecar connection unusable: {why}"),
+            HandoverError::Refused(why) => write!(f, "sidecar refused the connection: {why}"),
+            HandoverError::Nack(why) => write!(f, "sidecar refused a payload: {why}"),
+            HandoverError::Timeout => write!(
+                f,
+                "sidecar did not answer within {} s",
+                HANDOVER_TIMEOUT.as_secs_f64()
+            ),
+            HandoverError::Io(e) => write!(f, "sidecar connection: {e}"),
+            HandoverError::Protocol(e) => write!(f, "sidecar protocol: {e}"),
+            HandoverError::TooLarge(n) => write!(f, "payload of {n} bytes exceeds a frame"),
+        }
+    }
+}
+
+enum State {
+    Fresh,
+    /// Hello sent, welcome not read yet.
+    Greeting,
+    Ready,
+    Broken(String),
+}
+
+struct Conn {
+    stream: UnixStream,
+    state: State,
+    seq: u64,
+    inbuf: Vec<u8>,
+}
+
+/// A connection to a listener.
+pub struct Client {
+    conn: Mutex<Conn>,
+    gem_version: String,
+    log: ProblemLog,
+}
+
+impl Client {
+    pub fn new(stream: UnixStream, gem_version: &str) -> Client {
+        Client {
+            conn: Mutex::new(Conn {
+                stream,
+                state: State::Fresh,
+                seq: 0,
+                inbuf: Vec::new(),
+            }),
+            gem_version: gem_version.to_owned(),
+            log: ProblemLog::new("sidecar client"),
+        }
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Conn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the connection is broken for good.
+    pub fn is_broken(&self) -> bool {
+        matches!(self.conn().state, State::Broken(_))
+    }
+
+    /// Hands `payload` over as a frame of `kind`; Ok once the listener
+    /// acknowledged it (it holds it now). Blocks, bounded: call it from a
+    /// flusher, through [`blocking`].
+    pub fn handover(&self, kind: Kind, payload: &[u8]) -> Result<(), HandoverError> {
+        if wire::MAX_FRAME < payload.len() + 9 {
+            return Err(HandoverError::TooLarge(payload.len()));
+        }
+        let mut c = self.conn();
+        let result = self.handover_locked(&mut c, kind, payload);
+        match &result {
+            Ok(()) => {
+                COUNTERS.acknowledged.fetch_add(1, Ordering::Relaxed);
+                self.log.outcome(None);
+            }
+            Err(e) => {
+                match e {
+                    HandoverError::Nack(_) => &COUNTERS.nacked,
+                    HandoverError::Timeout => &COUNTERS.timeouts,
+                    _ => &COUNTERS.handover_errors,
+                }
+                .fetch_add(1, Ordering::Relaxed);
+                // Only fatal errors mark the connection broken; the rest
+                // leave it usable for the next handover.
+                let fatal = matches!(
+                    e,
+                    HandoverError::Io(_) | HandoverError::Protocol(_) | HandoverError::Refused(_)
+                );
+                if fatal {
+                    c.state = State::Broken(e.to_string());
+                    let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                }
+                if !matches!(e, HandoverError::Broken(_)) {
+                    self.log.outcome(Some(&format!(
+                        "{e}; sending direct (counted in sent_direct)"
+                    )));
+                }
+            }
+        }
+        result
+    }
+
+    fn handover_locked(
+        &self,
+        c: &mut Conn,
+        kind: Kind,
+        payload: &[u8],
+    ) -> Result<(), HandoverError> {
+        let deadline = Instant::now() + HANDOVER_TIMEOUT;
+        match &c.state {
+            State::Broken(why) => return Err(HandoverError::Broken(why.clone())),
+            State::Fresh | State::Greeting => {
+                if matches!(c.state, State::Fresh) {
+                    write_all(
+                        &mut c.stream,
+                        &Hello::ours(&self.gem_version).encode(),
+                        deadline,
+                    )?;
+                    c.state = State::Greeting;
+                }
+                let welcome = read_until(c, deadline, Welcome::decode)?;
+                match welcome {
+                    Welcome::Accept => c.state = State::Ready,
+                    Welcome::Refuse(why) => return Err(HandoverError::Refused(why)),
+                }
+            }
+            State::Ready => {}
+        }
+        c.seq += 1;
+        let seq = c.seq;
+        let mut frame = Vec::with_capacity(payload.len() + 13);
+        wire::encode_frame(&mut frame, kind, seq, payload);
+        write_all(&mut c.stream, &frame, deadline)?;
+        loop {
+            let reply = read_until(c, deadline, wire::decode_frame)?;
+            if reply.seq < seq {
+                // The late answer to a handover that timed out.
+                continue;
+            }
+            if reply.seq > seq {
+                return Err(HandoverError::Protocol(WireError::Malformed("reply seq")));
+            }
+            return match reply.kind {
+                Kind::Ack => Ok(()),
+                Kind::Nack => Err(HandoverError::Nack(
+                    String::from_utf8_lossy(&reply.payload).into_owned(),
+                )),
+                _ => Err(HandoverError::Protocol(WireError::Malformed("reply kind"))),
+            };
+        }
+    }
+}
+
+/// Writes all of `bytes` by `deadline`. Running out of time part-way is
+/// an I/O error (the stream is then out of step), before any byte a
+/// timeout.
+fn write_all(
+    stream: &mut UnixStream,
+    bytes: &[u8],
+    deadline: Instant,
+) -> Result<(), HandoverError> {
+    let mut written = 0;
+    while written < bytes.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(if written == 0 {
+                HandoverError::Timeout
+            } else {
+                HandoverError::Io(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    "frame only partly written in time",
+                ))
+            });
+        }
+        stream
+            .set_write_timeout(Some(left))
+            .map_err(HandoverError::Io)?;
+        match stream.write(&bytes[written..]) {
+            Ok(0) => {
+                return Err(HandoverError::Io(ErrorKind::WriteZero.into()));
+            }
+            Ok(n) => written += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(HandoverError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a message at the front of a buffer: `None` while incomplete,
+/// else the message and its length.
+type Decoder<T> = fn(&[u8]) -> Result<Option<(T, usize)>, WireError>;
+
+/// Reads until `decode` finds a whole message at the front of the input
+/// buffer (consumed), by `deadline`.
+fn read_until<T>(c: &mut Conn, deadline: Instant, decode: Decoder<T>) -> Result<T, HandoverError> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some((value, used)) = decode(&c.inbuf).map_err(HandoverError::Protocol)? {
+            c.inbuf.drain(..used);
+            return Ok(value);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HandoverError::Timeout);
+        }
+        c.stream
+            .set_read_timeout(Some(left))
+            .map_err(HandoverError::Io)?;
+        match c.stream.read(&mut chunk) {
+            Ok(0) => {
+                return Err(HandoverError::Io(std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the listener closed the connection",
+                )))
+            }
+            Ok(n) => c.inbuf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(HandoverError::Io(e)),
+        }
+    }
+}
+
+/// Runs a blocking handover from async code: on a multi-thread runtime the
+/// worker thread is handed to the other tasks meanwhile.
+pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+static CURRENT: Mutex<Option<Arc<Client>>> = Mutex::new(None);
+
+/// The client of this process, if it is a sidecar client.
+pub fn current() -> Option<Arc<Client>> {
+    CURRENT.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Installs (or with `None` removes) this process's client.
+pub(crate) fn set(client: Option<Arc<Client>>) {
+    *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = client;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake listener on the other end answering from a script.
+    fn answer(
+        mut peer: UnixStream,
+        welcome: Welcome,
+        replies: Vec<Kind>,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let mut greeted = false;
+            let mut replies = replies.into_iter();
+            loop {
+                if !greeted {
+                    if let Ok(Some((_, n))) = Hello::decode(&buf) {
+                        buf.drain(..n);
+                        peer.write_all(&welcome.encode()).unwrap();
+                        greeted = true;
+                        if welcome != Welcome::Accept {
+                            return;
+                        }
+                        continue;
+                    }
+                } else if let Ok(Some((f, n))) = wire::decode_frame(&buf) {
+                    buf.drain(..n);
+                    let Some(kind) = replies.next() else { return };
+                    let mut out = Vec::new();
+                    wire::encode_frame(&mut out, kind, f.seq, b"full");
+                    peer.write_all(&out).unwrap();
+                    continue;
+                }
+                match peer.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn acks_nacks_and_refusals() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = answer(b, Welcome::Accept, vec![Kind::Ack, Kind::Nack, Kind::Ack]);
+        let c = Client::new(a, "0.1.0");
+        assert!(c.handover(Kind::Traces, b"x").is_ok());
+        assert!(
+            matches!(c.handover(Kind::Traces, b"y"), Err(HandoverError::Nack(r)) if r == "full")
+        );
+        assert!(
+            c.handover(Kind::Traces, b"z").is_ok(),
+            "a Nack leaves it usable"
+        );
+        drop(c);
+        t.join().unwrap();
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = answer(b, Welcome::Refuse("protocol 2".into()), vec![]);
+        let c = Client::new(a, "0.1.0");
+        assert!(matches!(
+            c.handover(Kind::Traces, b"x"),
+            Err(HandoverError::Refused(_))
+        ));
+        assert!(c.is_broken());
+        assert!(matches!(
+            c.handover(Kind::Traces, b"x"),
+            Err(HandoverError::Broken(_))
+        ));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_silent_listener_times_out_and_a_closed_one_breaks() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let c = Client::new(a, "0.1.0");
+        let started = Instant::now();
+        assert!(matches!(
+            c.handover(Kind::Traces, b"x"),
+            Err(HandoverError::Timeout)
+        ));
+        assert!(started.elapsed() < HANDOVER_TIMEOUT * 2);
+        drop(b);
+        assert!(matches!(
+            c.handover(Kind::Traces, b"x"),
+            Err(HandoverError::Io(_))
+        ));
+        assert!(c.is_broken());
+    }
+}

@@ -1,0 +1,346 @@
+//! The sidecar: one sender for a whole preforking server.
+//!
+//! Instead of every worker process running its own agent connections,
+//! exposure dedup and evaluation aggregate, the forking parent (Puma or
+//! Unicorn master, a Resque parent) runs a [`listener::Listener`] on its
+//! shared runtime, and each child hands its payloads over a connection it
+//! inherited through fork: one end of a socketpair made by the fork hooks
+//! (no name, nothing else can reach it).
+//!
+//! - [`wire`]: the versioned frame protocol (any Unix stream socket);
+//! - [`peer`]: `SO_PEERCRED` checks of accepted connections;
+//! - [`listener`]: the parent's side (connections, one sender per
+//!   destination, acks once queued, bounded memory);
+//! - [`client`]: the child's side (handover with bounded waits);
+//! - [`sink`]: the batch-worker sink that hands over first and sends
+//!   direct what was not acknowledged.
+//!
+//! This module owns the process's mode and role and drives them through
+//! the fork lifecycle (called from the runtime's fork hooks):
+//! - `before_fork`: a process that may be a listener (mode thread, or
+//!   auto; not a client nor a child of one) becomes one if it was not,
+//!   and makes the socketpair for the child;
+//! - `after_fork_parent`: the listener adopts its end; the child's is
+//!   closed;
+//! - `after_fork_child`: the child closes the listener's end, retires any
+//!   listener it inherited, and becomes a client on its end. A child of a
+//!   client (Puma's `fork_worker`, a fork inside a worker) closes the
+//!   inherited connection and runs direct.
+
+pub mod client;
+pub mod listener;
+pub mod peer;
+pub mod sink;
+pub mod wire;
+
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use listener::{Limits, Listener};
+
+/// `EXPORTER_SIDECAR`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Thread mode once the process forks; direct until then.
+    Auto,
+    Thread,
+    /// Not built yet: runs direct.
+    Subprocess,
+    Off,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Some(Mode::Auto),
+            "thread" => Some(Mode::Thread),
+            "subprocess" => Some(Mode::Subprocess),
+            "off" | "false" | "0" | "direct" => Some(Mode::Off),
+            _ => None,
+        }
+    }
+}
+
+/// What this process is to the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    None,
+    Listener,
+    Client,
+}
+
+/// Counters of this process's client side (they add up per item:
+/// `handed_over` + `sent_direct` is what went one way or the other).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Items (traces, exposures, evaluations) the listener acknowledged.
+    pub handed_over: AtomicU64,
+    /// Frames acknowledged.
+    pub acknowledged: AtomicU64,
+    /// Frames refused by the listener (full, bad destination).
+    pub nacked: AtomicU64,
+    /// Handovers that got no answer in time.
+    pub timeouts: AtomicU64,
+    /// Handovers that failed otherwise (connection refused, closed, broken).
+    pub handover_errors: AtomicU64,
+    /// Batches (or their rest) that fell back to the direct path.
+    pub fallbacks: AtomicU64,
+    /// Items sent direct because the sidecar did not take them.
+    pub sent_direct: AtomicU64,
+}
+
+pub static COUNTERS: Counters = Counters {
+    handed_over: AtomicU64::new(0),
+    acknowledged: AtomicU64::new(0),
+    nacked: AtomicU64::new(0),
+    timeouts: AtomicU64::new(0),
+    handover_errors: AtomicU64::new(0),
+    fallbacks: AtomicU64::new(0),
+    sent_direct: AtomicU64::new(0),
+};
+
+struct State {
+    mode: Mode,
+    role: Role,
+    listener: Option<Arc<Listener>>,
+    /// (listener's end, child's end) between `before_fork` and after it.
+    pending: Option<(UnixStream, UnixStream)>,
+    /// Forked from a process where the sidecar was on: never a listener.
+    forked: bool,
+    gem_version: String,
+    /// Socketpairs that could not be made.
+    pair_errors: u64,
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    mode: Mode::Auto,
+    role: Role::None,
+    listener: None,
+    pending: None,
+    forked: false,
+    gem_version: String::new(),
+    pair_errors: 0,
+});
+
+fn state() -> MutexGuard<'static, State> {
+    STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sets the mode (from `EXPORTER_SIDECAR`) and the gem version spoken in
+/// handshakes. Switching to `Off` later stops nothing already running.
+pub fn configure(mode: Mode, gem_version: &str) {
+    let mut st = state();
+    st.mode = mode;
+    st.gem_version = gem_version.to_owned();
+}
+
+/// Why [`start`] did nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartError {
+    /// A worker (a client, or a child of one) never starts a listener.
+    NotAParent,
+    Off,
+    Runtime(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::NotAParent => f.write_str(
+                "this process was forked from a sidecar process: it never starts a listener",
+            ),
+            StartError::Off => f.write_str("the sidecar is off"),
+            StartError::Runtime(e) => write!(f, "cannot start the listener: {e}"),
+        }
+    }
+}
+
+/// Makes this process a listener now (`Exporter::Sidecar.start`), so its
+/// next children are clients. Idempotent.
+pub fn start() -> Result<(), StartError> {
+    let mut st = state();
+    if st.role == Role::Client || st.forked {
+        return Err(StartError::NotAParent);
+    }
+    if matches!(st.mode, Mode::Off | Mode::Subprocess) {
+        return Err(StartError::Off);
+    }
+    become_listener(&mut st).map_err(StartError::Runtime)
+}
+
+fn become_listener(st: &mut State) -> Result<(), String> {
+    if st.listener.is_some() {
+        return Ok(());
+    }
+    let l = Arc::new(Listener::new(&st.gem_version, Limits::default()));
+    match crate::worker::register(&l) {
+        Ok(()) => {
+            st.listener = Some(l);
+            st.role = Role::Listener;
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Before fork: a process that may be a listener gets ready to give the
+/// child its connection.
+pub fn before_fork() {
+    let mut st = state();
+    st.pending = None;
+    let eligible =
+        matches!(st.mode, Mode::Auto | Mode::Thread) && st.role != Role::Client && !st.forked;
+    if !eligible {
+        return;
+    }
+    // Registering may start the runtime: that is fine here, the runtime's
+    // own before_fork (which runs next) stops it again.
+    if become_listener(&mut st).is_err() {
+        return;
+    }
+    // std makes both ends close-on-exec.
+    match UnixStream::pair() {
+        Ok(pair) => st.pending = Some(pair),
+        Err(_) => st.pair_errors += 1,
+    }
+}
+
+/// In the parent after fork (or after a failed fork): the listener
+/// adopts its end, the child's end is closed here.
+pub fn after_fork_parent() {
+    let (pending, listener) = {
+        let mut st = state();
+        (st.pending.take(), st.listener.clone())
+    };
+    if let (Some((ours, theirs)), Some(l)) = (pending, listener) {
+        drop(theirs);
+        l.adopt(ours);
+    }
+}
+
+/// In a child: becomes a client on the inherited end, or direct.
+pub fn after_fork_child() {
+    let mut st = state();
+    let was_sidecar = st.role != Role::None || st.pending.is_some();
+    if let Some(l) = st.listener.take() {
+        // Its connections and senders belong to the parent. It retires
+        // (closing the inherited connections) when the runtime resumes
+        // its workers in the child; it is leaked, never dropped: what it
+        // owned was bound to the parent's runtime.
+        std::mem::forget(l);
+    }
+    // An inherited client connection is the parent's: closed here.
+    client::set(None);
+    st.role = Role::None;
+    if let Some((ours, theirs)) = st.pending.take() {
+        drop(ours);
+        client::set(Some(Arc::new(client::Client::new(theirs, &st.gem_version))));
+        st.role = Role::Client;
+    }
+    if was_sidecar {
+        st.forked = true;
+    }
+    for c in [
+        &COUNTERS.handed_over,
+        &COUNTERS.acknowledged,
+        &COUNTERS.nacked,
+        &COUNTERS.timeouts,
+        &COUNTERS.handover_errors,
+        &COUNTERS.fallbacks,
+        &COUNTERS.sent_direct,
+    ] {
+        c.store(0, Ordering::Relaxed);
+    }
+}
+
+/// After `Process.daemon`: the same process goes on (its parent exited);
+/// no child connection was handed out.
+pub fn after_daemon() {
+    state().pending = None;
+}
+
+/// Sends everything the listener holds now (at exit); true once the agent
+/// accepted all of it. Resolves at once in a process with no listener.
+pub fn flush() -> impl std::future::Future<Output = bool> + Send + 'static {
+    let l = state().listener.clone();
+    let f = l.as_ref().map(|l| l.flush());
+    async move {
+        match f {
+            Some(f) => f.await,
+            None => true,
+        }
+    }
+}
+
+/// A snapshot for `Exporter::Sidecar.status`.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub configured: Mode,
+    /// `:thread` while a listener or client, `:direct` otherwise.
+    pub thread_mode: bool,
+    pub role: Role,
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+pub fn status() -> Status {
+    let st = state();
+    let c = &COUNTERS;
+    let mut counters = vec![
+        ("handed_over", c.handed_over.load(Ordering::Relaxed)),
+        ("acknowledged", c.acknowledged.load(Ordering::Relaxed)),
+        ("nacked", c.nacked.load(Ordering::Relaxed)),
+        ("timeouts", c.timeouts.load(Ordering::Relaxed)),
+        ("handover_errors", c.handover_errors.load(Ordering::Relaxed)),
+        ("fallbacks", c.fallbacks.load(Ordering::Relaxed)),
+        ("sent_direct", c.sent_direct.load(Ordering::Relaxed)),
+        ("socketpair_errors", st.pair_errors),
+    ];
+    if let Some(l) = &st.listener {
+        let n = l.counters();
+        let (bodies, exposures, evaluations) = l.pending();
+        counters.extend([
+            ("connections", n.connections.load(Ordering::Relaxed)),
+            ("connections_open", l.open_connections() as u64),
+            ("peers_refused", n.peers_refused.load(Ordering::Relaxed)),
+            (
+                "handshakes_refused",
+                n.handshakes_refused.load(Ordering::Relaxed),
+            ),
+            ("bad_frames", n.bad_frames.load(Ordering::Relaxed)),
+            ("frames_acked", n.acked.load(Ordering::Relaxed)),
+            ("frames_nacked", n.nacked.load(Ordering::Relaxed)),
+            ("traces_received", n.traces_received.load(Ordering::Relaxed)),
+            ("traces_sent", n.traces_sent.load(Ordering::Relaxed)),
+            ("traces_failed", n.traces_failed.load(Ordering::Relaxed)),
+            (
+                "exposures_received",
+                n.exposures_received.load(Ordering::Relaxed),
+            ),
+            ("exposures_deduplicated", l.exposures_deduplicated()),
+            (
+                "evaluations_received",
+                n.evaluations_received.load(Ordering::Relaxed),
+            ),
+            ("bodies_pending", bodies),
+            ("exposures_pending", exposures),
+            ("evaluations_pending", evaluations),
+            ("bytes_held", l.held_bytes()),
+        ]);
+    } else {
+        counters.push(("peers_refused", 0));
+    }
+    let client_up = st.role == Role::Client && client::current().is_some_and(|c| !c.is_broken());
+    Status {
+        configured: st.mode,
+        thread_mode: st.role == Role::Listener || client_up,
+        role: st.role,
+        counters,
+    }
+}
+
+/// Test-only: makes every listener of this process stop (or resume)
+/// reading, so its clients time out and send direct.
+pub fn test_stall(on: bool) {
+    listener::STALL.store(on, Ordering::Relaxed);
+}

@@ -1,0 +1,912 @@
+//! The sidecar wire protocol: what a client (a worker) and a listener (the
+//! forking parent in thread mode, the helper process in subprocess mode)
+//! say to each other over one Unix stream socket.
+//!
+//! It owns the byte layout and nothing else (no I/O): both sides feed it
+//! bytes and get values back, so any transport that delivers a stream
+//! (an inherited socketpair end, a named socket) speaks it as is.
+//!
+//! 1. Handshake, client first: [`Hello`] = magic `EXSC`, protocol version
+//!    (u16), pid (u32), gem version (u16 length + UTF-8). The listener
+//!    answers [`Welcome`] = magic, its protocol version, accept (0) or
+//!    refuse (1) with a reason. A peer speaking another protocol version
+//!    is refused after its first 6 bytes: nothing after them is decoded.
+//! 2. Frames, both ways: `len u32 | kind u8 | seq u64 | payload`, `len`
+//!    counting kind, seq and payload, at most [`MAX_FRAME`]. The client
+//!    sends [`Kind::Traces`], [`Kind::Exposures`], [`Kind::Evaluations`];
+//!    the listener answers each with [`Kind::Ack`] (it now holds the
+//!    payload) or [`Kind::Nack`] (with a reason: full, refused) for the
+//!    same seq.
+//!
+//! Integers are little-endian; strings are u32 length + UTF-8. Anything
+//! malformed is a [`WireError`], and the side that met it closes that
+//! connection: it never guesses at the bytes that follow.
+
+use crate::exposures::{Context, Exposure};
+use crate::flags::aggregate::{Counts, Row, RowKey, Tier};
+use crate::flags::context::Canonical;
+use crate::span::AttributeValue;
+
+/// First bytes of a [`Hello`] and a [`Welcome`].
+pub const MAGIC: [u8; 4] = *b"EXSC";
+/// Bumped whenever anything below changes meaning.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// kind + seq.
+const FRAME_HEAD: usize = 1 + 8;
+/// The largest frame (kind, seq and payload): a full 5 MiB trace body
+/// plus its route, with room to spare.
+pub const MAX_FRAME: usize = 5 * 1024 * 1024 + 64 * 1024;
+/// The largest handshake message.
+const MAX_HANDSHAKE_TEXT: usize = 1024;
+/// Nesting allowed in attribute arrays (exposure attributes are flat;
+/// this bounds what a peer can make us recurse through).
+const MAX_ATTRIBUTE_DEPTH: usize = 4;
+
+/// What is wrong with bytes received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WireError {
+    /// Not our protocol at all.
+    BadMagic,
+    /// Our protocol, another version of it.
+    Version {
+        theirs: u16,
+        ours: u16,
+    },
+    /// A frame longer than [`MAX_FRAME`] (or shorter than its header).
+    FrameSize(usize),
+    UnknownKind(u8),
+    /// A payload that does not decode as its kind says.
+    Malformed(&'static str),
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WireError::BadMagic => f.write_str("not an exporter sidecar peer (bad magic)"),
+            WireError::Version { theirs, ours } => {
+                write!(f, "sidecar protocol version {theirs} is not ours ({ours})")
+            }
+            WireError::FrameSize(n) => write!(f, "frame of {n} bytes (limit {MAX_FRAME})"),
+            WireError::UnknownKind(k) => write!(f, "unknown frame kind {k}"),
+            WireError::Malformed(what) => write!(f, "malformed {what}"),
+        }
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// The client's first message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol: u16,
+    pub pid: u32,
+    pub gem_version: String,
+}
+
+/// The listener's answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Welcome {
+    Accept,
+    Refuse(String),
+}
+
+fn put_short_text(out: &mut Vec<u8>, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(MAX_HANDSHAKE_TEXT)];
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s);
+}
+
+/// Checks the magic and version at the front of `buf` (as far as it
+/// goes). `Ok(false)` while more bytes are needed to tell.
+fn check_preamble(buf: &[u8]) -> Result<bool, WireError> {
+    let n = buf.len().min(4);
+    if buf[..n] != MAGIC[..n] {
+        return Err(WireError::BadMagic);
+    }
+    if buf.len() < 6 {
+        return Ok(false);
+    }
+    let theirs = u16::from_le_bytes([buf[4], buf[5]]);
+    if theirs != PROTOCOL_VERSION {
+        return Err(WireError::Version {
+            theirs,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    Ok(true)
+}
+
+/// A short text at `at` in `buf`: `None` while incomplete.
+fn short_text(buf: &[u8], at: usize) -> Result<Option<(String, usize)>, WireError> {
+    let Some(len) = buf.get(at..at + 2) else {
+        return Ok(None);
+    };
+    let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+    if len > MAX_HANDSHAKE_TEXT {
+        return Err(WireError::Malformed("handshake text"));
+    }
+    let Some(bytes) = buf.get(at + 2..at + 2 + len) else {
+        return Ok(None);
+    };
+    let s = std::str::from_utf8(bytes).map_err(|_| WireError::Malformed("handshake text"))?;
+    Ok(Some((s.to_owned(), at + 2 + len)))
+}
+
+impl Hello {
+    /// A hello from this process.
+    pub fn ours(gem_version: &str) -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            gem_version: gem_version.to_owned(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&self.protocol.to_le_bytes());
+        out.extend_from_slice(&self.pid.to_le_bytes());
+        put_short_text(&mut out, &self.gem_version);
+        out
+    }
+
+    /// The hello at the front of `buf` and its length; `None` while
+    /// incomplete. A wrong magic or version is an error as soon as its
+    /// bytes are in: what follows them is never read.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Hello, usize)>, WireError> {
+        if !check_preamble(buf)? {
+            return Ok(None);
+        }
+        let Some(pid) = buf.get(6..10) else {
+            return Ok(None);
+        };
+        let pid = u32::from_le_bytes([pid[0], pid[1], pid[2], pid[3]]);
+        Ok(short_text(buf, 10)?.map(|(gem_version, end)| {
+            (
+                Hello {
+                    protocol: PROTOCOL_VERSION,
+                    pid,
+                    gem_version,
+                },
+                end,
+            )
+        }))
+    }
+}
+
+impl Welcome {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        match self {
+            Welcome::Accept => {
+                out.push(0);
+                put_short_text(&mut out, "");
+            }
+            Welcome::Refuse(reason) => {
+                out.push(1);
+                put_short_text(&mut out, reason);
+            }
+        }
+        out
+    }
+
+    /// As [`Hello::decode`].
+    pub fn decode(buf: &[u8]) -> Result<Option<(Welcome, usize)>, WireError> {
+        if !check_preamble(buf)? {
+            return Ok(None);
+        }
+        let Some(&status) = buf.get(6) else {
+            return Ok(None);
+        };
+        let Some((reason, end)) = short_text(buf, 7)? else {
+            return Ok(None);
+        };
+        match status {
+            0 => Ok(Some((Welcome::Accept, end))),
+            1 => Ok(Some((Welcome::Refuse(reason), end))),
+            _ => Err(WireError::Malformed("welcome")),
+        }
+    }
+}
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Traces = 1,
+    Exposures = 2,
+    Evaluations = 3,
+    Ack = 0x81,
+    Nack = 0x82,
+}
+
+impl Kind {
+    fn from_u8(k: u8) -> Result<Kind, WireError> {
+        Ok(match k {
+            1 => Kind::Traces,
+            2 => Kind::Exposures,
+            3 => Kind::Evaluations,
+            0x81 => Kind::Ack,
+            0x82 => Kind::Nack,
+            other => return Err(WireError::UnknownKind(other)),
+        })
+    }
+}
+
+/// One frame, its payload still encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub seq: u64,
+    pub payload: Vec<u8>,
+}
+
+/// Appends a frame to `out`.
+pub fn encode_frame(out: &mut Vec<u8>, kind: Kind, seq: u64, payload: &[u8]) {
+    out.extend_from_slice(&((FRAME_HEAD + payload.len()) as u32).to_le_bytes());
+    out.push(kind as u8);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The frame at the front of `buf` and its length in bytes; `None` while
+/// incomplete. An oversized length is an error as soon as its 4 bytes are
+/// in, so a peer cannot make us buffer more than [`MAX_FRAME`].
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
+    let Some(len) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if !(FRAME_HEAD..=MAX_FRAME).contains(&len) {
+        return Err(WireError::FrameSize(len));
+    }
+    let Some(body) = buf.get(4..4 + len) else {
+        return Ok(None);
+    };
+    let kind = Kind::from_u8(body[0])?;
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&body[1..9]);
+    Ok(Some((
+        Frame {
+            kind,
+            seq: u64::from_le_bytes(seq),
+            payload: body[9..].to_vec(),
+        },
+        4 + len,
+    )))
+}
+
+/// Where a trace body goes, and the headers it is sent with: bodies with
+/// the same route are batched together by the listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct TraceRoute {
+    pub url: String,
+    pub lang_version: String,
+    pub lang_interpreter: String,
+    pub tracer_version: String,
+    pub container_id: Option<String>,
+}
+
+/// Where EVP events (exposures, evaluation rows) go.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct EvpRoute {
+    pub url: String,
+    pub service: String,
+    pub env: String,
+    pub version: String,
+}
+
+impl EvpRoute {
+    pub fn new(url: &str, c: &Context) -> EvpRoute {
+        EvpRoute {
+            url: url.to_owned(),
+            service: c.service.clone(),
+            env: c.env.clone(),
+            version: c.version.clone(),
+        }
+    }
+
+    pub fn context(&self) -> Context {
+        Context {
+            service: self.service.clone(),
+            env: self.env.clone(),
+            version: self.version.clone(),
+        }
+    }
+}
+
+/// A [`Kind::Traces`] payload: one v0.4 body (a msgpack array of traces,
+/// as the worker encoded it) and how many traces it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Traces {
+    pub route: TraceRoute,
+    pub trace_count: u32,
+    pub body: Vec<u8>,
+}
+
+/// A [`Kind::Exposures`] payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exposures {
+    pub route: EvpRoute,
+    pub events: Vec<Exposure>,
+}
+
+/// A [`Kind::Evaluations`] payload: aggregated rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluations {
+    pub route: EvpRoute,
+    pub rows: Vec<Row>,
+}
+
+/// Appends primitives.
+struct Enc<'a>(&'a mut Vec<u8>);
+
+impl Enc<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i64(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+    fn opt(&mut self, s: Option<&str>) {
+        match s {
+            None => self.u8(0),
+            Some(s) => {
+                self.u8(1);
+                self.str(s);
+            }
+        }
+    }
+    fn len(&mut self, n: usize) {
+        self.u32(n as u32);
+    }
+}
+
+/// Reads primitives, every read bounds-checked.
+struct Dec<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Dec<'a> {
+    fn err(&self) -> WireError {
+        WireError::Malformed(self.what)
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if n > self.buf.len() {
+            return Err(self.err());
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn i64(&mut self) -> Result<i64, WireError> {
+        Ok(self.u64()? as i64)
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], WireError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String, WireError> {
+        let b = self.bytes()?;
+        std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|_| self.err())
+    }
+    fn opt(&mut self) -> Result<Option<String>, WireError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => self.string().map(Some),
+            _ => Err(self.err()),
+        }
+    }
+    /// A count of items each at least `min_size` bytes long: never more
+    /// than the bytes left could hold, so a lying count cannot make us
+    /// allocate.
+    fn len(&mut self, min_size: usize) -> Result<usize, WireError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_size.max(1)) > self.buf.len() {
+            return Err(self.err());
+        }
+        Ok(n)
+    }
+    fn end(&self) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(self.err())
+        }
+    }
+}
+
+fn put_evp_route(e: &mut Enc<'_>, r: &EvpRoute) {
+    e.str(&r.url);
+    e.str(&r.service);
+    e.str(&r.env);
+    e.str(&r.version);
+}
+
+fn evp_route(d: &mut Dec<'_>) -> Result<EvpRoute, WireError> {
+    Ok(EvpRoute {
+        url: d.string()?,
+        service: d.string()?,
+        env: d.string()?,
+        version: d.string()?,
+    })
+}
+
+impl Traces {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body.len() + 128);
+        let mut e = Enc(&mut out);
+        let r = &self.route;
+        e.str(&r.url);
+        e.str(&r.lang_version);
+        e.str(&r.lang_interpreter);
+        e.str(&r.tracer_version);
+        e.opt(r.container_id.as_deref());
+        e.u32(self.trace_count);
+        e.bytes(&self.body);
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Traces, WireError> {
+        let mut d = Dec {
+            buf,
+            what: "traces payload",
+        };
+        let route = TraceRoute {
+            url: d.string()?,
+            lang_version: d.string()?,
+            lang_interpreter: d.string()?,
+            tracer_version: d.string()?,
+            container_id: d.opt()?,
+        };
+        let trace_count = d.u32()?;
+        let body = d.bytes()?.to_vec();
+        d.end()?;
+        Ok(Traces {
+            route,
+            trace_count,
+            body,
+        })
+    }
+}
+
+fn put_attribute(e: &mut Enc<'_>, v: &AttributeValue, depth: usize) {
+    match v {
+        AttributeValue::String(s) => {
+            e.u8(0);
+            e.str(s);
+        }
+        AttributeValue::Bool(b) => {
+            e.u8(1);
+            e.u8(u8::from(*b));
+        }
+        AttributeValue::Int(i) => {
+            e.u8(2);
+            e.i64(*i);
+        }
+        AttributeValue::Float(f) => {
+            e.u8(3);
+            e.u64(f.to_bits());
+        }
+        AttributeValue::Array(items) if depth < MAX_ATTRIBUTE_DEPTH => {
+            e.u8(4);
+            e.len(items.len());
+            for item in items {
+                put_attribute(e, item, depth + 1);
+            }
+        }
+        // Deeper than anything the gem builds: sent as an empty array.
+        AttributeValue::Array(_) => {
+            e.u8(4);
+            e.len(0);
+        }
+    }
+}
+
+fn attribute(d: &mut Dec<'_>, depth: usize) -> Result<AttributeValue, WireError> {
+    Ok(match d.u8()? {
+        0 => AttributeValue::String(d.string()?),
+        1 => AttributeValue::Bool(d.u8()? != 0),
+        2 => AttributeValue::Int(d.i64()?),
+        3 => AttributeValue::Float(f64::from_bits(d.u64()?)),
+        4 if depth < MAX_ATTRIBUTE_DEPTH => {
+            let n = d.len(2)?;
+            let mut items = Vec::with_capacity(n);
+            for _ in 0..n {
+                items.push(attribute(d, depth + 1)?);
+            }
+            AttributeValue::Array(items)
+        }
+        _ => return Err(d.err()),
+    })
+}
+
+impl Exposures {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut e = Enc(&mut out);
+        put_evp_route(&mut e, &self.route);
+        e.len(self.events.len());
+        for x in &self.events {
+            e.i64(x.timestamp_ms);
+            e.str(&x.flag);
+            e.str(&x.allocation);
+            e.str(&x.variant);
+            e.str(&x.subject_id);
+            e.len(x.attributes.len());
+            for (k, v) in &x.attributes {
+                e.str(k);
+                put_attribute(&mut e, v, 0);
+            }
+        }
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Exposures, WireError> {
+        let mut d = Dec {
+            buf,
+            what: "exposures payload",
+        };
+        let route = evp_route(&mut d)?;
+        let n = d.len(8 + 4 * 4 + 4)?;
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            let timestamp_ms = d.i64()?;
+            let (flag, allocation, variant, subject_id) =
+                (d.string()?, d.string()?, d.string()?, d.string()?);
+            let m = d.len(4 + 2)?;
+            let mut attributes = Vec::with_capacity(m);
+            for _ in 0..m {
+                attributes.push((d.string()?, attribute(&mut d, 0)?));
+            }
+            events.push(Exposure {
+                timestamp_ms,
+                flag,
+                allocation,
+                variant,
+                subject_id,
+                attributes,
+            });
+        }
+        d.end()?;
+        Ok(Exposures { route, events })
+    }
+}
+
+impl Evaluations {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut e = Enc(&mut out);
+        put_evp_route(&mut e, &self.route);
+        e.len(self.rows.len());
+        for r in &self.rows {
+            put_row(&mut e, r);
+        }
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Evaluations, WireError> {
+        let mut d = Dec {
+            buf,
+            what: "evaluations payload",
+        };
+        let route = evp_route(&mut d)?;
+        let n = d.len(4 + 4 + 4 + 8 * 3 + 1)?;
+        let mut rows = Vec::with_capacity(n);
+        for _ in 0..n {
+            rows.push(row(&mut d)?);
+        }
+        d.end()?;
+        Ok(Evaluations { route, rows })
+    }
+}
+
+/// The encoded size of one row, for chunking rows into frames.
+pub fn row_size(r: &Row) -> usize {
+    let opt = |s: &Option<String>| 1 + s.as_ref().map_or(0, |s| 4 + s.len());
+    4 + r.key.flag.len()
+        + opt(&r.key.variant)
+        + opt(&r.key.allocation)
+        + opt(&r.key.error)
+        + opt(&r.key.targeting_key)
+        + 4
+        + r.key.context.len()
+        + 8 * 3
+        + 1
+}
+
+fn put_row(e: &mut Enc<'_>, r: &Row) {
+    let k = &r.key;
+    e.str(&k.flag);
+    e.opt(k.variant.as_deref());
+    e.opt(k.allocation.as_deref());
+    e.opt(k.error.as_deref());
+    e.opt(k.targeting_key.as_deref());
+    e.bytes(k.context.as_bytes());
+    e.i64(r.counts.first);
+    e.i64(r.counts.last);
+    e.u64(r.counts.count);
+    e.u8(match r.tier {
+        Tier::Full => 0,
+        Tier::Degraded => 1,
+    });
+}
+
+fn row(d: &mut Dec<'_>) -> Result<Row, WireError> {
+    let key = RowKey {
+        flag: d.string()?,
+        variant: d.opt()?,
+        allocation: d.opt()?,
+        error: d.opt()?,
+        targeting_key: d.opt()?,
+        context: Canonical::from_bytes(d.bytes()?.to_vec()),
+    };
+    let counts = Counts {
+        first: d.i64()?,
+        last: d.i64()?,
+        count: d.u64()?,
+    };
+    if counts.count == 0 {
+        return Err(d.err());
+    }
+    let tier = match d.u8()? {
+        0 => Tier::Full,
+        1 => Tier::Degraded,
+        _ => return Err(d.err()),
+    };
+    Ok(Row { key, counts, tier })
+}
+
+/// The traces part of a v0.4 body (without its outer array header) and
+/// the count that header holds; `None` unless `body` starts with a
+/// msgpack array header.
+pub fn split_v04_body(body: &[u8]) -> Option<(u32, &[u8])> {
+    match *body.first()? {
+        b @ 0x90..=0x9f => Some(((b & 0x0f) as u32, &body[1..])),
+        0xdc => {
+            let n = body.get(1..3)?;
+            Some((u16::from_be_bytes([n[0], n[1]]) as u32, &body[3..]))
+        }
+        0xdd => {
+            let n = body.get(1..5)?;
+            Some((u32::from_be_bytes([n[0], n[1], n[2], n[3]]), &body[5..]))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route() -> EvpRoute {
+        EvpRoute {
+            url: "http://127.0.0.1:8126".into(),
+            service: "svc".into(),
+            env: "prod".into(),
+            version: "1.2".into(),
+        }
+    }
+
+    #[test]
+    fn handshake_round_trips_and_waits_for_all_its_bytes() {
+        let h = Hello::ours("0.1.0");
+        let bytes = h.encode();
+        for cut in 0..bytes.len() {
+            assert_eq!(Hello::decode(&bytes[..cut]), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(Hello::decode(&bytes), Ok(Some((h, bytes.len()))));
+        for w in [
+            Welcome::Accept,
+            Welcome::Refuse("gem 0.2.0 is not 0.1.0".into()),
+        ] {
+            let b = w.encode();
+            assert_eq!(Welcome::decode(&b), Ok(Some((w, b.len()))));
+        }
+    }
+
+    #[test]
+    fn another_version_is_refused_without_reading_further() {
+        let mut bytes = Hello::ours("9.9.9").encode();
+        bytes[4..6].copy_from_slice(&7u16.to_le_bytes());
+        // Whatever follows the version is not looked at.
+        bytes.truncate(6);
+        bytes.extend_from_slice(&[0xff; 3]);
+        assert_eq!(
+            Hello::decode(&bytes),
+            Err(WireError::Version {
+                theirs: 7,
+                ours: PROTOCOL_VERSION
+            })
+        );
+        assert_eq!(Hello::decode(b"GET / HTTP/1.1"), Err(WireError::BadMagic));
+        assert_eq!(Hello::decode(b"EXS"), Ok(None));
+        assert_eq!(Hello::decode(b"EXQ"), Err(WireError::BadMagic));
+    }
+
+    #[test]
+    fn frames_round_trip_and_wait_for_all_their_bytes() {
+        let mut buf = Vec::new();
+        encode_frame(&mut buf, Kind::Traces, 7, b"payload");
+        encode_frame(&mut buf, Kind::Ack, 7, b"");
+        let (f, n) = decode_frame(&buf).unwrap().unwrap();
+        assert_eq!(
+            (f.kind, f.seq, &f.payload[..]),
+            (Kind::Traces, 7, &b"payload"[..])
+        );
+        let (g, m) = decode_frame(&buf[n..]).unwrap().unwrap();
+        assert_eq!((g.kind, g.seq, g.payload.len()), (Kind::Ack, 7, 0));
+        assert_eq!(n + m, buf.len());
+        for cut in 0..n {
+            assert_eq!(decode_frame(&buf[..cut]), Ok(None));
+        }
+    }
+
+    #[test]
+    fn oversized_short_and_unknown_frames_are_errors() {
+        let big = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        // Refused from its length alone: nothing is buffered for it.
+        assert_eq!(decode_frame(&big), Err(WireError::FrameSize(MAX_FRAME + 1)));
+        assert_eq!(
+            decode_frame(&3u32.to_le_bytes()),
+            Err(WireError::FrameSize(3))
+        );
+        let mut buf = Vec::new();
+        encode_frame(&mut buf, Kind::Ack, 1, b"");
+        buf[4] = 0x55;
+        assert_eq!(decode_frame(&buf), Err(WireError::UnknownKind(0x55)));
+    }
+
+    #[test]
+    fn payloads_round_trip() {
+        let t = Traces {
+            route: TraceRoute {
+                url: "unix:///tmp/apm.sock".into(),
+                lang_version: "3.1.2".into(),
+                lang_interpreter: "ruby".into(),
+                tracer_version: "0.1.0".into(),
+                container_id: Some("abc".into()),
+            },
+            trace_count: 2,
+            body: vec![0x92, 0x90, 0x90],
+        };
+        assert_eq!(Traces::decode(&t.encode()), Ok(t));
+
+        let x = Exposures {
+            route: route(),
+            events: vec![Exposure {
+                timestamp_ms: 1_700_000_000_000,
+                flag: "f".into(),
+                allocation: "a".into(),
+                variant: "v".into(),
+                subject_id: "u-1".into(),
+                attributes: vec![
+                    ("plan".into(), AttributeValue::String("pro".into())),
+                    ("age".into(), AttributeValue::Int(-3)),
+                    ("ratio".into(), AttributeValue::Float(0.5)),
+                    ("beta".into(), AttributeValue::Bool(true)),
+                    (
+                        "list".into(),
+                        AttributeValue::Array(vec![AttributeValue::Int(1)]),
+                    ),
+                ],
+            }],
+        };
+        assert_eq!(Exposures::decode(&x.encode()), Ok(x));
+
+        let key = RowKey {
+            flag: "f".into(),
+            variant: None,
+            allocation: Some("a".into()),
+            error: Some("FLAG_NOT_FOUND".into()),
+            targeting_key: Some("sha256_00".into()),
+            context: Canonical::from_bytes(vec![1, 2, 3]),
+        };
+        let row = Row {
+            key,
+            counts: Counts {
+                first: 1,
+                last: 9,
+                count: 4,
+            },
+            tier: Tier::Degraded,
+        };
+        assert_eq!(row_size(&row), {
+            let mut b = Vec::new();
+            put_row(&mut Enc(&mut b), &row);
+            b.len()
+        });
+        let e = Evaluations {
+            route: route(),
+            rows: vec![row],
+        };
+        assert_eq!(Evaluations::decode(&e.encode()), Ok(e));
+    }
+
+    #[test]
+    fn truncated_or_garbage_payloads_are_malformed_never_a_panic() {
+        let x = Exposures {
+            route: route(),
+            events: vec![Exposure {
+                timestamp_ms: 1,
+                flag: "f".into(),
+                allocation: "a".into(),
+                variant: "v".into(),
+                subject_id: "s".into(),
+                attributes: vec![("k".into(), AttributeValue::String("v".into()))],
+            }],
+        }
+        .encode();
+        for cut in 0..x.len() {
+            assert!(Exposures::decode(&x[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut trailing = x.clone();
+        trailing.push(0);
+        assert!(Exposures::decode(&trailing).is_err());
+        // A count claiming more items than the bytes could hold.
+        let mut lying = Vec::new();
+        put_evp_route(&mut Enc(&mut lying), &route());
+        lying.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Exposures::decode(&lying).is_err());
+        assert!(Evaluations::decode(&lying).is_err());
+        // Seeded garbage of every length.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in 0..2_000 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            let _ = Traces::decode(&bytes);
+            let _ = Exposures::decode(&bytes);
+            let _ = Evaluations::decode(&bytes);
+            let _ = decode_frame(&bytes);
+            let _ = Hello::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn v04_bodies_split_at_their_array_header() {
+        assert_eq!(split_v04_body(&[0x92, 1, 2]), Some((2, &[1u8, 2][..])));
+        assert_eq!(split_v04_body(&[0xdc, 0, 3, 9]), Some((3, &[9u8][..])));
+        assert_eq!(
+            split_v04_body(&[0xdd, 0, 0, 0, 1, 9]),
+            Some((1, &[9u8][..]))
+        );
+        assert_eq!(split_v04_body(&[0xdd, 0]), None);
+        assert_eq!(split_v04_body(&[0x80]), None);
+        assert_eq!(split_v04_body(&[]), None);
+    }
+}
