@@ -3,6 +3,7 @@
 require "set"
 require "json"
 require "open3"
+require "tmpdir"
 
 # Thread mode with real forks and the real agent: the spec process is the
 # forking parent (a listener from its first fork, as in `auto`), its
@@ -148,7 +149,7 @@ RSpec.describe Exporter::Sidecar do
 end
 
 RSpec.describe "EXPORTER_SIDECAR modes" do # rubocop:disable RSpec/DescribeClass
-  def status_after_fork(mode)
+  def status_after_fork(mode, env = {})
     script = <<~RUBY
       require "exporter"; require "json"
       r, w = IO.pipe
@@ -156,7 +157,7 @@ RSpec.describe "EXPORTER_SIDECAR modes" do # rubocop:disable RSpec/DescribeClass
       w.close; out = r.read; Process.wait(pid)
       puts JSON.generate(parent: Exporter::Sidecar.status, child: JSON.parse(out))
     RUBY
-    out, err, st = Open3.capture3({ "EXPORTER_SIDECAR" => mode }, ruby_bin, "-I#{lib_dir}", "-e", script)
+    out, err, st = Open3.capture3({ "EXPORTER_SIDECAR" => mode }.merge(env), ruby_bin, "-I#{lib_dir}", "-e", script)
     expect(st).to be_success, err
     [JSON.parse(out, symbolize_names: true), err]
   end
@@ -173,9 +174,14 @@ RSpec.describe "EXPORTER_SIDECAR modes" do # rubocop:disable RSpec/DescribeClass
     expect(s[:child]).to include(mode: "thread", role: "client")
   end
 
-  it "subprocess is not available yet: direct, with one warning" do
-    s, err = status_after_fork("subprocess")
-    expect(s[:child]).to include(mode: "direct", role: "none")
-    expect(err.scan("not available yet").size).to eq(1)
+  it "subprocess: parent and child are each a client of the per-user helper (nothing starts until a handover)" do
+    Dir.mktmpdir("exporter-xdg") do |xdg|
+      s, err = status_after_fork("subprocess", "XDG_RUNTIME_DIR" => xdg)
+      socket = File.join(xdg, "exporter", "sidecar-#{Exporter::VERSION}.sock")
+      expect(s[:parent]).to include(mode: "subprocess", role: "client", socket: socket, configured: "subprocess")
+      expect(s[:child]).to include(mode: "subprocess", role: "client", socket: socket)
+      expect(err).to eq("")
+      expect(File.exist?(socket)).to be(false)
+    end
   end
 end

@@ -25,20 +25,25 @@ File.write("Makefile", <<~MAKE)
   DLEXT = #{dlext}
   sitearchdir ?= #{RbConfig::CONFIG['sitearchdir']}
 
-  all: exporter.$(DLEXT)
+  all: exporter.$(DLEXT) exporter-sidecar
 
-  exporter.$(DLEXT):
-  \tRUBY=$(RUBY) cargo build --release --locked --manifest-path #{manifest} -p exporter --target-dir $(TARGET_DIR)
+  # The extension and the sidecar helper binary, in one cargo build.
+  exporter.$(DLEXT) exporter-sidecar:
+  \tRUBY=$(RUBY) cargo build --release --locked --manifest-path #{manifest} -p exporter -p exporter_sidecar --target-dir $(TARGET_DIR)
   \tcp $(TARGET_DIR)/release/libexporter.so exporter.$(DLEXT)
+  \tcp $(TARGET_DIR)/release/exporter-sidecar exporter-sidecar
 
+  # The helper goes beside the extension: lib/exporter/sidecar.rb finds it there.
   install: all
   \tmkdir -p $(DESTDIR)$(sitearchdir)/exporter
   \tcp exporter.$(DLEXT) $(DESTDIR)$(sitearchdir)/exporter/exporter.$(DLEXT)
-  \trm -f exporter.$(DLEXT)
+  \tcp exporter-sidecar $(DESTDIR)$(sitearchdir)/exporter/exporter-sidecar
+  \tchmod 755 $(DESTDIR)$(sitearchdir)/exporter/exporter-sidecar
+  \trm -f exporter.$(DLEXT) exporter-sidecar
   #{own_target ? "\trm -rf $(TARGET_DIR)" : ""}
 
   clean:
-  \trm -f exporter.$(DLEXT)
+  \trm -f exporter.$(DLEXT) exporter-sidecar
   #{own_target ? "\trm -rf $(TARGET_DIR)" : ""}
 
   .PHONY: all install clean

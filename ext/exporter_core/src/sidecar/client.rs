@@ -70,7 +70,8 @@ enum State {
 }
 
 struct Conn {
-    stream: UnixStream,
+    /// `None` in a client made unavailable from the start.
+    stream: Option<UnixStream>,
     state: State,
     seq: u64,
     inbuf: Vec<u8>,
@@ -87,13 +88,37 @@ impl Client {
     pub fn new(stream: UnixStream, gem_version: &str) -> Client {
         Client {
             conn: Mutex::new(Conn {
-                stream,
+                stream: Some(stream),
                 state: State::Fresh,
                 seq: 0,
                 inbuf: Vec::new(),
             }),
             gem_version: gem_version.to_owned(),
             log: ProblemLog::new("sidecar client"),
+        }
+    }
+
+    /// A client with no connection: every handover fails at once with
+    /// `Broken(why)` (the caller sends direct, counted). Subprocess mode
+    /// uses it while no helper can be reached.
+    pub fn unavailable(why: &str, gem_version: &str) -> Client {
+        Client {
+            conn: Mutex::new(Conn {
+                stream: None,
+                state: State::Broken(why.to_owned()),
+                seq: 0,
+                inbuf: Vec::new(),
+            }),
+            gem_version: gem_version.to_owned(),
+            log: ProblemLog::new("sidecar client"),
+        }
+    }
+
+    /// Why the connection is broken for good, if it is.
+    pub fn broken_reason(&self) -> Option<String> {
+        match &self.conn().state {
+            State::Broken(why) => Some(why.clone()),
+            _ => None,
         }
     }
 
@@ -135,7 +160,9 @@ impl Client {
                 );
                 if fatal {
                     c.state = State::Broken(e.to_string());
-                    let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                    if let Some(s) = &c.stream {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
                 }
                 if !matches!(e, HandoverError::Broken(_)) {
                     self.log.outcome(Some(&format!(
@@ -147,54 +174,78 @@ impl Client {
         result
     }
 
+    /// Asks the listener for its status (a JSON object of its counters):
+    /// a [`Kind::Status`] frame, answered by an `Ack` carrying it. Not
+    /// counted as a handover.
+    pub fn status(&self) -> Result<Vec<u8>, HandoverError> {
+        let mut c = self.conn();
+        self.exchange(&mut c, Kind::Status, b"")
+    }
+
     fn handover_locked(
         &self,
         c: &mut Conn,
         kind: Kind,
         payload: &[u8],
     ) -> Result<(), HandoverError> {
+        self.exchange(c, kind, payload).map(|_| ())
+    }
+
+    /// Sends one frame (greeting first if needed) and returns the payload
+    /// of the `Ack` for it.
+    fn exchange(&self, c: &mut Conn, kind: Kind, payload: &[u8]) -> Result<Vec<u8>, HandoverError> {
         let deadline = Instant::now() + HANDOVER_TIMEOUT;
-        match &c.state {
-            State::Broken(why) => return Err(HandoverError::Broken(why.clone())),
-            State::Fresh | State::Greeting => {
-                if matches!(c.state, State::Fresh) {
-                    write_all(
-                        &mut c.stream,
-                        &Hello::ours(&self.gem_version).encode(),
-                        deadline,
-                    )?;
-                    c.state = State::Greeting;
-                }
-                let welcome = read_until(c, deadline, Welcome::decode)?;
-                match welcome {
-                    Welcome::Accept => c.state = State::Ready,
-                    Welcome::Refuse(why) => return Err(HandoverError::Refused(why)),
-                }
-            }
-            State::Ready => {}
+        if let State::Broken(why) = &c.state {
+            return Err(HandoverError::Broken(why.clone()));
         }
-        c.seq += 1;
-        let seq = c.seq;
-        let mut frame = Vec::with_capacity(payload.len() + 13);
-        wire::encode_frame(&mut frame, kind, seq, payload);
-        write_all(&mut c.stream, &frame, deadline)?;
-        loop {
-            let reply = read_until(c, deadline, wire::decode_frame)?;
-            if reply.seq < seq {
-                // The late answer to a handover that timed out.
-                continue;
-            }
-            if reply.seq > seq {
-                return Err(HandoverError::Protocol(WireError::Malformed("reply seq")));
-            }
-            return match reply.kind {
-                Kind::Ack => Ok(()),
-                Kind::Nack => Err(HandoverError::Nack(
-                    String::from_utf8_lossy(&reply.payload).into_owned(),
-                )),
-                _ => Err(HandoverError::Protocol(WireError::Malformed("reply kind"))),
-            };
+        let Some(mut stream) = c.stream.take() else {
+            return Err(HandoverError::Broken("no connection".into()));
+        };
+        let result = exchange_on(&mut stream, c, &self.gem_version, kind, payload, deadline);
+        c.stream = Some(stream);
+        result
+    }
+}
+
+fn exchange_on(
+    stream: &mut UnixStream,
+    c: &mut Conn,
+    gem_version: &str,
+    kind: Kind,
+    payload: &[u8],
+    deadline: Instant,
+) -> Result<Vec<u8>, HandoverError> {
+    if matches!(c.state, State::Fresh | State::Greeting) {
+        if matches!(c.state, State::Fresh) {
+            write_all(stream, &Hello::ours(gem_version).encode(), deadline)?;
+            c.state = State::Greeting;
         }
+        match read_until(stream, c, deadline, Welcome::decode)? {
+            Welcome::Accept => c.state = State::Ready,
+            Welcome::Refuse(why) => return Err(HandoverError::Refused(why)),
+        }
+    }
+    c.seq += 1;
+    let seq = c.seq;
+    let mut frame = Vec::with_capacity(payload.len() + 13);
+    wire::encode_frame(&mut frame, kind, seq, payload);
+    write_all(stream, &frame, deadline)?;
+    loop {
+        let reply = read_until(stream, c, deadline, wire::decode_frame)?;
+        if reply.seq < seq {
+            // The late answer to a handover that timed out.
+            continue;
+        }
+        if reply.seq > seq {
+            return Err(HandoverError::Protocol(WireError::Malformed("reply seq")));
+        }
+        return match reply.kind {
+            Kind::Ack => Ok(reply.payload),
+            Kind::Nack => Err(HandoverError::Nack(
+                String::from_utf8_lossy(&reply.payload).into_owned(),
+            )),
+            _ => Err(HandoverError::Protocol(WireError::Malformed("reply kind"))),
+        };
     }
 }
 
@@ -241,7 +292,12 @@ type Decoder<T> = fn(&[u8]) -> Result<Option<(T, usize)>, WireError>;
 
 /// Reads until `decode` finds a whole message at the front of the input
 /// buffer (consumed), by `deadline`.
-fn read_until<T>(c: &mut Conn, deadline: Instant, decode: Decoder<T>) -> Result<T, HandoverError> {
+fn read_until<T>(
+    stream: &mut UnixStream,
+    c: &mut Conn,
+    deadline: Instant,
+    decode: Decoder<T>,
+) -> Result<T, HandoverError> {
     let mut chunk = [0u8; 4096];
     loop {
         if let Some((value, used)) = decode(&c.inbuf).map_err(HandoverError::Protocol)? {
@@ -252,10 +308,10 @@ fn read_until<T>(c: &mut Conn, deadline: Instant, decode: Decoder<T>) -> Result<
         if left.is_zero() {
             return Err(HandoverError::Timeout);
         }
-        c.stream
+        stream
             .set_read_timeout(Some(left))
             .map_err(HandoverError::Io)?;
-        match c.stream.read(&mut chunk) {
+        match stream.read(&mut chunk) {
             Ok(0) => {
                 return Err(HandoverError::Io(std::io::Error::new(
                     ErrorKind::UnexpectedEof,

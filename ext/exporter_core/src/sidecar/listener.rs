@@ -242,6 +242,8 @@ pub struct Listener {
 /// What to answer a frame with.
 enum Answer {
     Ack,
+    /// An `Ack` carrying a reply (to a [`Kind::Status`] request).
+    Reply(Vec<u8>),
     Nack(String),
     /// The peer broke the protocol: close its connection.
     Close(WireError),
@@ -266,19 +268,64 @@ impl Listener {
         &self.counters
     }
 
+    /// Every counter of this listener, and what it holds now, by name
+    /// (as `Exporter::Sidecar.status` and the helper's status show them).
+    pub fn counter_list(&self) -> Vec<(&'static str, u64)> {
+        let n = &self.counters;
+        let (bodies, exposures, evaluations) = self.pending();
+        vec![
+            ("connections", n.connections.load(Ordering::Relaxed)),
+            ("connections_open", self.open_connections() as u64),
+            ("peers_refused", n.peers_refused.load(Ordering::Relaxed)),
+            (
+                "handshakes_refused",
+                n.handshakes_refused.load(Ordering::Relaxed),
+            ),
+            ("bad_frames", n.bad_frames.load(Ordering::Relaxed)),
+            ("frames_acked", n.acked.load(Ordering::Relaxed)),
+            ("frames_nacked", n.nacked.load(Ordering::Relaxed)),
+            ("traces_received", n.traces_received.load(Ordering::Relaxed)),
+            ("traces_sent", n.traces_sent.load(Ordering::Relaxed)),
+            ("traces_failed", n.traces_failed.load(Ordering::Relaxed)),
+            (
+                "exposures_received",
+                n.exposures_received.load(Ordering::Relaxed),
+            ),
+            ("exposures_deduplicated", self.exposures_deduplicated()),
+            (
+                "evaluations_received",
+                n.evaluations_received.load(Ordering::Relaxed),
+            ),
+            ("bodies_pending", bodies),
+            ("exposures_pending", exposures),
+            ("evaluations_pending", evaluations),
+            ("bytes_held", self.held_bytes()),
+        ]
+    }
+
+    /// The answer to a [`Kind::Status`] request: `pid`, `gem_version`
+    /// and [`Listener::counter_list`], as a JSON object.
+    fn status_json(&self) -> Vec<u8> {
+        let mut m = serde_json::Map::new();
+        m.insert("pid".into(), std::process::id().into());
+        m.insert("gem_version".into(), self.gem_version.clone().into());
+        for (k, v) in self.counter_list() {
+            m.insert(k.into(), v.into());
+        }
+        serde_json::Value::Object(m).to_string().into_bytes()
+    }
+
     /// Bytes of trace bodies held now.
     pub fn held_bytes(&self) -> u64 {
         self.held_bytes.load(Ordering::Acquire)
     }
 
-    /// Connections open now.
+    /// Connections open now. From the counters, so it takes no lock (a
+    /// connection asking for the status holds its own).
     pub fn open_connections(&self) -> usize {
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|c| c.lock().stream.is_some())
-            .count()
+        let n = &self.counters;
+        let opened = n.connections.load(Ordering::Acquire);
+        opened.saturating_sub(n.closed.load(Ordering::Acquire)) as usize
     }
 
     fn routes(&self) -> MutexGuard<'_, Routes> {
@@ -472,12 +519,16 @@ impl Listener {
                 Kind::Traces => self.traces(&frame.payload),
                 Kind::Exposures => self.exposures(&frame.payload),
                 Kind::Evaluations => self.evaluations(&frame.payload),
+                Kind::Status => Answer::Reply(self.status_json()),
                 Kind::Ack | Kind::Nack => Answer::Close(WireError::Malformed("client frame kind")),
             };
             match answer {
                 Answer::Ack => {
                     self.counters.acked.fetch_add(1, Ordering::Relaxed);
                     wire::encode_frame(&mut st.outbuf, Kind::Ack, frame.seq, b"");
+                }
+                Answer::Reply(payload) => {
+                    wire::encode_frame(&mut st.outbuf, Kind::Ack, frame.seq, &payload);
                 }
                 Answer::Nack(reason) => {
                     self.counters.nacked.fetch_add(1, Ordering::Relaxed);
@@ -743,7 +794,7 @@ impl Listener {
             .drain(..)
         {
             let mut st = c.lock();
-            st.stream = None;
+            self.close(&mut st);
             st.serving = false;
         }
         let routes = self.routes();

@@ -13,7 +13,17 @@
 //!   destination, acks once queued, bounded memory);
 //! - [`client`]: the child's side (handover with bounded waits);
 //! - [`sink`]: the batch-worker sink that hands over first and sends
-//!   direct what was not acknowledged.
+//!   direct what was not acknowledged;
+//! - [`rendezvous`]: where a per-user helper (subprocess mode) and its
+//!   clients meet, and why that place is safe;
+//! - [`subprocess`]: the host's side of subprocess mode (connect, start
+//!   the helper, reconnect with a back-off).
+//!
+//! In subprocess mode (and in `auto` before the first fork when a helper
+//! is running, or `EXPORTER_SIDECAR_SOCKET` is set), the listener is the
+//! per-user helper process `exporter-sidecar` (the same [`listener`] code
+//! behind a named socket), and the process is its client: the sinks get a
+//! connection from [`acquire`], which (re)connects when needed.
 //!
 //! This module owns the process's mode and role and drives them through
 //! the fork lifecycle (called from the runtime's fork hooks):
@@ -30,14 +40,18 @@
 pub mod client;
 pub mod listener;
 pub mod peer;
+pub mod rendezvous;
 pub mod sink;
+pub mod subprocess;
 pub mod wire;
 
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use listener::{Limits, Listener};
+use subprocess::{HelperConfig, Reconnect};
 
 /// `EXPORTER_SIDECAR`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +59,7 @@ pub enum Mode {
     /// Thread mode once the process forks; direct until then.
     Auto,
     Thread,
-    /// Not built yet: runs direct.
+    /// A client of the per-user helper process.
     Subprocess,
     Off,
 }
@@ -111,6 +125,11 @@ struct State {
     gem_version: String,
     /// Socketpairs that could not be made.
     pair_errors: u64,
+    /// Where the per-user helper is (default rendezvous, or
+    /// `EXPORTER_SIDECAR_SOCKET`) and how to start it.
+    helper: Option<Arc<HelperConfig>>,
+    /// This process hands over to the helper (its role is then `Client`).
+    via_helper: bool,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
@@ -121,6 +140,8 @@ static STATE: Mutex<State> = Mutex::new(State {
     forked: false,
     gem_version: String::new(),
     pair_errors: 0,
+    helper: None,
+    via_helper: false,
 });
 
 fn state() -> MutexGuard<'static, State> {
@@ -135,12 +156,60 @@ pub fn configure(mode: Mode, gem_version: &str) {
     st.gem_version = gem_version.to_owned();
 }
 
+/// Sets where the per-user helper is: `socket` from
+/// `EXPORTER_SIDECAR_SOCKET` (else the default rendezvous of this user and
+/// gem version), the helper binary installed with the gem, and its idle
+/// period. Call after [`configure`]. In `subprocess` mode (and `auto` with
+/// an explicit socket) the process becomes the helper's client now; it
+/// connects at its first handover.
+pub fn configure_helper(
+    socket: Option<PathBuf>,
+    binary: Option<PathBuf>,
+    idle_seconds: Option<u64>,
+) -> Result<(), rendezvous::RendezvousError> {
+    let mut st = state();
+    let explicit = socket.is_some();
+    let paths = match socket {
+        Some(s) => rendezvous::Paths::for_socket(&s),
+        None => rendezvous::Paths::default_for(&st.gem_version),
+    };
+    let paths = match paths {
+        Ok(p) => p,
+        Err(e) => {
+            st.helper = None;
+            st.via_helper = false;
+            return Err(e);
+        }
+    };
+    st.helper = Some(Arc::new(HelperConfig {
+        paths,
+        explicit,
+        binary,
+        idle_seconds,
+        gem_version: st.gem_version.clone(),
+    }));
+    let eligible = st.role == Role::None && !st.forked && st.listener.is_none();
+    st.via_helper = eligible && uses_helper(st.mode, explicit);
+    if st.via_helper {
+        st.role = Role::Client;
+    }
+    Ok(())
+}
+
+/// Whether a process in `mode` hands over to the helper from the start
+/// (rather than only when `auto` finds one running).
+fn uses_helper(mode: Mode, explicit_socket: bool) -> bool {
+    mode == Mode::Subprocess || (mode == Mode::Auto && explicit_socket)
+}
+
 /// Why [`start`] did nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartError {
     /// A worker (a client, or a child of one) never starts a listener.
     NotAParent,
     Off,
+    /// In subprocess mode the helper is the listener.
+    Subprocess,
     Runtime(String),
 }
 
@@ -151,6 +220,9 @@ impl std::fmt::Display for StartError {
                 "this process was forked from a sidecar process: it never starts a listener",
             ),
             StartError::Off => f.write_str("the sidecar is off"),
+            StartError::Subprocess => {
+                f.write_str("in subprocess mode the per-user helper is the listener")
+            }
             StartError::Runtime(e) => write!(f, "cannot start the listener: {e}"),
         }
     }
@@ -163,9 +235,12 @@ pub fn start() -> Result<(), StartError> {
     if st.role == Role::Client || st.forked {
         return Err(StartError::NotAParent);
     }
-    if matches!(st.mode, Mode::Off | Mode::Subprocess) {
-        return Err(StartError::Off);
+    match st.mode {
+        Mode::Off => return Err(StartError::Off),
+        Mode::Subprocess => return Err(StartError::Subprocess),
+        Mode::Auto | Mode::Thread => {}
     }
+    leave_helper(&mut st);
     become_listener(&mut st).map_err(StartError::Runtime)
 }
 
@@ -189,11 +264,15 @@ fn become_listener(st: &mut State) -> Result<(), String> {
 pub fn before_fork() {
     let mut st = state();
     st.pending = None;
-    let eligible =
-        matches!(st.mode, Mode::Auto | Mode::Thread) && st.role != Role::Client && !st.forked;
+    // In auto, a client of the helper becomes the listener at its first
+    // fork, as any other process (what it handed over is the helper's).
+    let eligible = matches!(st.mode, Mode::Auto | Mode::Thread)
+        && (st.role != Role::Client || st.via_helper)
+        && !st.forked;
     if !eligible {
         return;
     }
+    leave_helper(&mut st);
     // Registering may start the runtime: that is fine here, the runtime's
     // own before_fork (which runs next) stops it again.
     if become_listener(&mut st).is_err() {
@@ -233,9 +312,16 @@ pub fn after_fork_child() {
     // An inherited client connection is the parent's: closed here.
     client::set(None);
     st.role = Role::None;
+    subprocess::after_fork_child();
+    st.via_helper = false;
     if let Some((ours, theirs)) = st.pending.take() {
         drop(ours);
         client::set(Some(Arc::new(client::Client::new(theirs, &st.gem_version))));
+        st.role = Role::Client;
+    } else if st.mode == Mode::Subprocess && st.helper.is_some() {
+        // Every process of a subprocess-mode tree connects to the helper
+        // itself (at its first handover).
+        st.via_helper = true;
         st.role = Role::Client;
     }
     if was_sidecar {
@@ -252,6 +338,106 @@ pub fn after_fork_child() {
     ] {
         c.store(0, Ordering::Relaxed);
     }
+}
+
+/// Stops handing over to the helper (this process becomes a listener).
+fn leave_helper(st: &mut State) {
+    if st.via_helper {
+        st.via_helper = false;
+        st.role = Role::None;
+        client::set(None);
+    }
+}
+
+/// The connection the sinks hand over through, if this process is a
+/// sidecar client: its thread-mode connection, or its helper connection,
+/// (re)connected here when broken and the back-off allows (blocking,
+/// bounded: call it through [`client::blocking`]). In subprocess mode,
+/// while no helper can be reached, a client that refuses every handover
+/// (the sinks send direct, counted). In `auto`, a process that has not
+/// forked and is no client looks for a running helper (never starts one).
+pub fn acquire() -> Option<Arc<client::Client>> {
+    let current = client::current();
+    if current.as_ref().is_some_and(|c| !c.is_broken()) {
+        return current;
+    }
+    let (cfg, discovering) = {
+        let st = state();
+        let Some(cfg) = st.helper.clone() else {
+            return current;
+        };
+        if st.via_helper {
+            (cfg, false)
+        } else if st.mode == Mode::Auto
+            && st.role == Role::None
+            && !st.forked
+            && st.listener.is_none()
+        {
+            (cfg, true)
+        } else {
+            return current;
+        }
+    };
+    if current.as_ref().is_some_and(|c| {
+        c.broken_reason()
+            .is_some_and(|why| !why.starts_with(UNAVAILABLE))
+    }) {
+        // It was up, and broke (helper killed or gone): counted once.
+        subprocess::COUNTERS.lost.fetch_add(1, Ordering::Relaxed);
+        client::set(Some(Arc::new(client::Client::unavailable(
+            &format!("{UNAVAILABLE}: the connection to the helper broke"),
+            &cfg.gem_version,
+        ))));
+    }
+    let may_start = !discovering && cfg.binary.is_some();
+    match subprocess::reconnect(&cfg, may_start, discovering) {
+        Reconnect::Connected(c) => {
+            let c = Arc::new(c);
+            let mut st = state();
+            let still = if discovering {
+                st.mode == Mode::Auto
+                    && st.role == Role::None
+                    && !st.forked
+                    && st.listener.is_none()
+            } else {
+                st.via_helper
+            };
+            if !still {
+                return client::current();
+            }
+            if discovering {
+                st.via_helper = true;
+                st.role = Role::Client;
+            }
+            client::set(Some(c.clone()));
+            Some(c)
+        }
+        Reconnect::Unavailable(why) if !discovering => {
+            let c = client::current()
+                .filter(|c| c.is_broken())
+                .unwrap_or_else(|| {
+                    let c = Arc::new(client::Client::unavailable(
+                        &format!("{UNAVAILABLE}: {why}"),
+                        &cfg.gem_version,
+                    ));
+                    client::set(Some(c.clone()));
+                    c
+                });
+            Some(c)
+        }
+        Reconnect::Unavailable(_) => None,
+    }
+}
+
+/// How the reason of a client made unavailable by [`acquire`] starts.
+const UNAVAILABLE: &str = "no sidecar helper reachable";
+
+/// The status JSON of the helper this process would use (on a connection
+/// of its own; never starts one).
+pub fn helper_status() -> Result<String, String> {
+    let cfg = state().helper.clone();
+    let cfg = cfg.ok_or_else(|| "no helper configured".to_owned())?;
+    subprocess::query_status(&cfg)
 }
 
 /// After `Process.daemon`: the same process goes on (its parent exited);
@@ -277,15 +463,20 @@ pub fn flush() -> impl std::future::Future<Output = bool> + Send + 'static {
 #[derive(Debug, Clone)]
 pub struct Status {
     pub configured: Mode,
-    /// `:thread` while a listener or client, `:direct` otherwise.
+    /// A listener, or a client with a live thread-mode connection.
     pub thread_mode: bool,
+    /// A client of the per-user helper (connected or reconnecting).
+    pub subprocess: bool,
     pub role: Role,
+    /// The helper's socket, in subprocess mode.
+    pub socket: Option<PathBuf>,
     pub counters: Vec<(&'static str, u64)>,
 }
 
 pub fn status() -> Status {
     let st = state();
     let c = &COUNTERS;
+    let h = &subprocess::COUNTERS;
     let mut counters = vec![
         ("handed_over", c.handed_over.load(Ordering::Relaxed)),
         ("acknowledged", c.acknowledged.load(Ordering::Relaxed)),
@@ -295,46 +486,31 @@ pub fn status() -> Status {
         ("fallbacks", c.fallbacks.load(Ordering::Relaxed)),
         ("sent_direct", c.sent_direct.load(Ordering::Relaxed)),
         ("socketpair_errors", st.pair_errors),
+        ("helper_connects", h.connects.load(Ordering::Relaxed)),
+        ("helper_starts", h.starts.load(Ordering::Relaxed)),
+        (
+            "helper_connect_errors",
+            h.connect_errors.load(Ordering::Relaxed),
+        ),
+        ("helper_connections_lost", h.lost.load(Ordering::Relaxed)),
     ];
     if let Some(l) = &st.listener {
-        let n = l.counters();
-        let (bodies, exposures, evaluations) = l.pending();
-        counters.extend([
-            ("connections", n.connections.load(Ordering::Relaxed)),
-            ("connections_open", l.open_connections() as u64),
-            ("peers_refused", n.peers_refused.load(Ordering::Relaxed)),
-            (
-                "handshakes_refused",
-                n.handshakes_refused.load(Ordering::Relaxed),
-            ),
-            ("bad_frames", n.bad_frames.load(Ordering::Relaxed)),
-            ("frames_acked", n.acked.load(Ordering::Relaxed)),
-            ("frames_nacked", n.nacked.load(Ordering::Relaxed)),
-            ("traces_received", n.traces_received.load(Ordering::Relaxed)),
-            ("traces_sent", n.traces_sent.load(Ordering::Relaxed)),
-            ("traces_failed", n.traces_failed.load(Ordering::Relaxed)),
-            (
-                "exposures_received",
-                n.exposures_received.load(Ordering::Relaxed),
-            ),
-            ("exposures_deduplicated", l.exposures_deduplicated()),
-            (
-                "evaluations_received",
-                n.evaluations_received.load(Ordering::Relaxed),
-            ),
-            ("bodies_pending", bodies),
-            ("exposures_pending", exposures),
-            ("evaluations_pending", evaluations),
-            ("bytes_held", l.held_bytes()),
-        ]);
+        counters.extend(l.counter_list());
     } else {
         counters.push(("peers_refused", 0));
     }
     let client_up = st.role == Role::Client && client::current().is_some_and(|c| !c.is_broken());
+    let subprocess = st.via_helper && st.role == Role::Client;
     Status {
         configured: st.mode,
-        thread_mode: st.role == Role::Listener || client_up,
+        thread_mode: st.role == Role::Listener || (client_up && !subprocess),
+        subprocess,
         role: st.role,
+        socket: st
+            .helper
+            .as_ref()
+            .filter(|_| subprocess)
+            .map(|h| h.paths.socket.clone()),
         counters,
     }
 }

@@ -13,7 +13,8 @@
 //!    is refused after its first 6 bytes: nothing after them is decoded.
 //! 2. Frames, both ways: `len u32 | kind u8 | seq u64 | payload`, `len`
 //!    counting kind, seq and payload, at most [`MAX_FRAME`]. The client
-//!    sends [`Kind::Traces`], [`Kind::Exposures`], [`Kind::Evaluations`];
+//!    sends [`Kind::Traces`], [`Kind::Exposures`], [`Kind::Evaluations`]
+//!    (and [`Kind::Status`], a request for the listener's counters);
 //!    the listener answers each with [`Kind::Ack`] (it now holds the
 //!    payload) or [`Kind::Nack`] (with a reason: full, refused) for the
 //!    same seq.
@@ -217,6 +218,10 @@ pub enum Kind {
     Traces = 1,
     Exposures = 2,
     Evaluations = 3,
+    /// A request for the listener's counters (empty payload), answered by
+    /// an `Ack` whose payload is a JSON object. Added in the same protocol
+    /// version: nothing older than it speaks protocol 1.
+    Status = 4,
     Ack = 0x81,
     Nack = 0x82,
 }
@@ -227,6 +232,7 @@ impl Kind {
             1 => Kind::Traces,
             2 => Kind::Exposures,
             3 => Kind::Evaluations,
+            4 => Kind::Status,
             0x81 => Kind::Ack,
             0x82 => Kind::Nack,
             other => return Err(WireError::UnknownKind(other)),
