@@ -50,16 +50,17 @@ module Exporter
       # {mode:, role:, socket:, configured:, counters: {...}}
       def status = _status
 
-      # The counters of the per-user helper this process uses (or would
-      # use), asked on a connection of its own: {pid:, gem_version:,
-      # connections:, peers_refused:, traces_received:, traces_sent:, ...};
-      # nil when no helper answers within `timeout` seconds. Never starts
-      # one.
-      def helper_status(timeout: 2.0)
+      # The counters of the per-user helper at `socket` (default: the one
+      # this process uses or would use), asked on a connection of its own:
+      # {pid:, gem_version:, connections:, peers_refused:,
+      # traces_received:, traces_sent:, ...}; nil when no helper answers
+      # within `timeout` seconds. Never starts one.
+      def helper_status(socket: nil, timeout: 2.0)
         seconds = Float(timeout, exception: false) if timeout.is_a?(Numeric)
         raise ArgumentError, "timeout must be a number of seconds (got #{timeout.inspect})" unless seconds
+        raise ArgumentError, "socket must be a String path (got #{socket.inspect})" unless socket.nil? || socket.is_a?(String)
 
-        json, = _helper_status(seconds)
+        json, = _helper_status(socket, seconds)
         json && JSON.parse(json, symbolize_names: true)
       end
 

@@ -32,13 +32,18 @@ fn configure_helper(
         .map(|e| e.to_string())
 }
 
-/// `_helper_status(seconds)`: `[json, nil]` from the helper this process
-/// would use (on a connection of its own; never starts one), or
-/// `[nil, why]`. Waits without the GVL.
-fn helper_status(ruby: &Ruby, timeout: f64) -> Result<(Option<String>, Option<String>), Error> {
+/// `_helper_status(socket, seconds)`: `[json, nil]` from the helper at
+/// `socket` (nil: the one this process would use), on a connection of its
+/// own (never starts one), or `[nil, why]`. Waits without the GVL.
+fn helper_status(
+    ruby: &Ruby,
+    socket: Option<String>,
+    timeout: f64,
+) -> Result<(Option<String>, Option<String>), Error> {
     let limit = errors::wait(ruby, timeout)?;
+    let socket = socket.map(|s| rendezvous::path_from_bytes(s.into_bytes()));
     let ran = gvl::run(ruby, move |_| async move {
-        let query = tokio::task::spawn_blocking(sidecar::helper_status);
+        let query = tokio::task::spawn_blocking(move || sidecar::helper_status(socket));
         match tokio::time::timeout(limit, query).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => Err(e.to_string()),
@@ -109,7 +114,7 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     let _ = ruby;
     m.define_singleton_method("_configure", function!(configure, 2))?;
     m.define_singleton_method("_configure_helper", function!(configure_helper, 3))?;
-    m.define_singleton_method("_helper_status", function!(helper_status, 1))?;
+    m.define_singleton_method("_helper_status", function!(helper_status, 2))?;
     m.define_singleton_method("_start", function!(start, 0))?;
     m.define_singleton_method("_flush", function!(flush, 1))?;
     m.define_singleton_method("_status", function!(status, 0))?;

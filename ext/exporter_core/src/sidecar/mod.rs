@@ -432,11 +432,19 @@ pub fn acquire() -> Option<Arc<client::Client>> {
 /// How the reason of a client made unavailable by [`acquire`] starts.
 const UNAVAILABLE: &str = "no sidecar helper reachable";
 
-/// The status JSON of the helper this process would use (on a connection
-/// of its own; never starts one).
-pub fn helper_status() -> Result<String, String> {
+/// The status JSON of the helper at `socket`, or else of the one this
+/// process would use (on a connection of its own; never starts one).
+pub fn helper_status(socket: Option<PathBuf>) -> Result<String, String> {
     let cfg = state().helper.clone();
-    let cfg = cfg.ok_or_else(|| "no helper configured".to_owned())?;
+    let mut cfg = cfg.ok_or_else(|| "no helper configured".to_owned())?;
+    if let Some(s) = socket {
+        let paths = rendezvous::Paths::for_socket(&s).map_err(|e| e.to_string())?;
+        cfg = Arc::new(HelperConfig {
+            paths,
+            explicit: true,
+            ..(*cfg).clone()
+        });
+    }
     subprocess::query_status(&cfg)
 }
 

@@ -56,7 +56,7 @@ pub struct HelperConfig {
 /// Counters of this process's helper connection.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Connections made to a helper.
+    /// Connections made to a helper for handovers.
     pub connects: AtomicU64,
     /// Helpers this process started (launchers that reported a new helper).
     pub starts: AtomicU64,
@@ -171,7 +171,6 @@ pub fn connect(cfg: &HelperConfig, may_start: bool) -> Result<Client, ConnectErr
         }
     };
     super::peer::check(&stream).map_err(ConnectError::Peer)?;
-    COUNTERS.connects.fetch_add(1, Ordering::Relaxed);
     Ok(Client::new(stream, &cfg.gem_version))
 }
 
@@ -275,6 +274,7 @@ pub fn reconnect(cfg: &HelperConfig, may_start: bool, discovering: bool) -> Reco
     }
     match connect(cfg, may_start) {
         Ok(c) => {
+            COUNTERS.connects.fetch_add(1, Ordering::Relaxed);
             sch.next = None;
             sch.backoff = MIN_BACKOFF;
             LOG.outcome(None);
