@@ -27,19 +27,36 @@ RSpec.describe "gem build and install" do # rubocop:disable RSpec/DescribeClass
       expect(status).to be_success, out
       installed = File.join(dir, "home", "gems", "exporter-#{Exporter::VERSION}")
       expect(Dir.glob("#{installed}/**/target")).to be_empty
-      expect(Dir.glob("#{dir}/home/**/exporter.so")).not_to be_empty
+      expect(Dir.glob("#{dir}/home/**/target")).to be_empty
+      sos = Dir.glob("#{dir}/home/**/exporter.so")
+      expect(sos).not_to be_empty
+      # The sidecar helper binary beside every copy of the extension.
+      sos.each { |so| expect(File.executable?(File.join(File.dirname(so), "exporter-sidecar"))).to be(true), so }
       agent = TestAgent.shared.clear
+      xdg = File.join(dir, "xdg")
+      Dir.mkdir(xdg, 0o700)
       script = <<~RUBY
         require "exporter"
         abort "loaded from the checkout" if $LOADED_FEATURES.grep(%r{#{ROOT}/lib}).any?
+        abort "helper not found: \#{Exporter::Sidecar.helper_path.inspect}" unless Exporter::Sidecar.helper_path&.start_with?(#{dir.inspect})
         r = Exporter::Transport.new(url: #{agent.url.inspect}).send_traces([[{ trace_id: 42, span_id: 1, name: "gem" }]])
-        exit(r.ok? ? 0 : 1)
+        w = Exporter::Writer.new(transport: Exporter::Transport.new(url: #{agent.url.inspect}))
+        w.write([{ trace_id: 43, span_id: 1, name: "gem" }])
+        c = Exporter::Sidecar.status[:counters] if w.flush(timeout: 10)
+        exit(r.ok? && c && c[:handed_over] == 1 && c[:helper_starts] == 1 ? 0 : 1)
       RUBY
       load_env = { "GEM_HOME" => File.join(dir, "home"), "GEM_PATH" => File.join(dir, "home"), "RUBYOPT" => nil,
-                   "BUNDLE_GEMFILE" => nil, "RUBYLIB" => nil }
-      pid = Process.spawn(load_env, ruby_bin, "-e", script, chdir: dir, unsetenv_others: false)
-      expect(wait_bounded(pid, timeout: 30)).to be_success
-      expect(agent.traces.map { |t| t.first["trace_id"] }).to eq([42])
+                   "BUNDLE_GEMFILE" => nil, "RUBYLIB" => nil, "EXPORTER_SIDECAR" => "subprocess",
+                   "XDG_RUNTIME_DIR" => xdg, "EXPORTER_SIDECAR_IDLE_SECONDS" => "1" }
+      begin
+        HelperProcesses.subreaper(true)
+        pid = Process.spawn(load_env, ruby_bin, "-e", script, chdir: dir, unsetenv_others: false)
+        expect(wait_bounded(pid, timeout: 30)).to be_success
+        expect(eventually { (t = agent.traces).size >= 2 && t }.map { |t| t.first["trace_id"] }.sort).to eq([42, 43])
+      ensure
+        HelperProcesses.kill_helpers(xdg)
+        HelperProcesses.subreaper(false)
+      end
     end
   end
 end
