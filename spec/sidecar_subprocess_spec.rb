@@ -256,6 +256,65 @@ RSpec.describe "Exporter::Sidecar subprocess mode" do # rubocop:disable RSpec/De
     end
   end
 
+  context "auto" do
+    let(:auto_env) { { "EXPORTER_SIDECAR" => "auto" } }
+    let(:write_and_report) do
+      <<~RUBY
+        w = Exporter::Writer.new(transport: Exporter::Transport.new(url: ENV["AGENT_URL"]), flush_interval: 60)
+        w.write(trace(Process.pid))
+        flushed = w.flush(timeout: 15)
+        before_fork = Exporter::Sidecar.status
+        r, wr = IO.pipe
+        child = fork do
+          w.write(trace(Process.pid))
+          wr.write(JSON.generate(flushed: w.flush(timeout: 15), status: Exporter::Sidecar.status))
+          exit!(0)
+        end
+        wr.close
+        child_report = JSON.parse(r.read, symbolize_names: true)
+        Process.wait(child)
+        report(flushed: flushed, before_fork: before_fork, after_fork: Exporter::Sidecar.status,
+               child: child_report)
+      RUBY
+    end
+
+    it "with no helper running, a lone process is direct and starts none; forking makes it a listener as before" do
+      r = run_client(write_and_report, extra_env: auto_env).last
+      expect(r[:flushed]).to be(true)
+      expect(r[:before_fork]).to include(mode: "direct", role: "none", socket: nil)
+      expect(r[:after_fork]).to include(mode: "thread", role: "listener")
+      expect(r[:child][:status]).to include(mode: "thread", role: "client")
+      expect(HelperProcesses.helper_pids(xdg)).to eq([])
+    end
+
+    it "with a helper running (or EXPORTER_SIDECAR_SOCKET set), a process uses it until it forks, then is a " \
+       "listener as before" do
+      run_client(<<~RUBY) # subprocess mode: starts the helper
+        w = Exporter::Writer.new(transport: Exporter::Transport.new(url: ENV["AGENT_URL"]))
+        w.write(trace(1)); exit!(w.flush(timeout: 10) ? 0 : 1)
+      RUBY
+      helper = helper_status[:pid]
+      r = run_client(write_and_report, extra_env: auto_env).last
+      expect(r[:flushed]).to be(true)
+      expect(r[:before_fork]).to include(mode: "subprocess", role: "client", socket: socket)
+      expect(r[:before_fork][:counters]).to include(handed_over: 1, helper_starts: 0)
+      expect(r[:after_fork]).to include(mode: "thread", role: "listener", socket: nil)
+      expect(r[:child]).to include(flushed: true)
+      expect(r[:child][:status]).to include(mode: "thread", role: "client")
+      expect(helper_status).to include(pid: helper, traces_received: 2)
+
+      # An explicit socket: used (and started if needed) in auto too.
+      other = File.join(xdg, "mine", "s.sock")
+      Dir.mkdir(File.dirname(other), 0o700)
+      r = run_client(write_and_report,
+                     extra_env: auto_env.merge("EXPORTER_SIDECAR_SOCKET" => other)).last
+      expect(r[:before_fork]).to include(mode: "subprocess", socket: other)
+      expect(r[:before_fork][:counters]).to include(handed_over: 1, helper_starts: 1)
+      expect(Exporter::Sidecar.helper_status(socket: other)).to include(traces_received: 1)
+      expect(HelperProcesses.helper_pids(xdg).size).to eq(2)
+    end
+  end
+
   context "idle" do
     let(:idle) { 1 }
 
