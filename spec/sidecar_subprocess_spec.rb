@@ -243,6 +243,7 @@ RSpec.describe "Exporter::Sidecar subprocess mode" do # rubocop:disable RSpec/De
       expect(c[:handed_over] + c[:sent_direct]).to be >= 130
       expect(last[:helper][:pid]).not_to eq(old)
       expect(last[:reconnected_after]).to be < 3.0
+      warn "helper SIGKILL: #{c.slice(:sent_direct, :handed_over, :helper_starts, :helper_connections_lost)}, reconnected after #{last[:reconnected_after].round(3)} s" if ENV["EXPORTER_SPEC_FIGURES"]
       after_kill = (1000...1100).to_a
       ids = eventually(timeout: 15) { (i = trace_ids) && (after_kill - i).empty? && i }
       expect(after_kill - ids).to eq([])
