@@ -523,7 +523,7 @@ impl InFlight<'_> {
             retry: &w.retry,
             stop_retrying: stop_retrying.as_ref(),
         };
-        if let Some(client) = crate::sidecar::client::blocking(crate::sidecar::acquire) {
+        if let Some(client) = crate::sidecar::acquire() {
             crate::sidecar::client::blocking(|| self.hand_over(&client));
         }
         let timestamp = now_ms();

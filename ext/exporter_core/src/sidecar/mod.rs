@@ -351,8 +351,9 @@ fn leave_helper(st: &mut State) {
 
 /// The connection the sinks hand over through, if this process is a
 /// sidecar client: its thread-mode connection, or its helper connection,
-/// (re)connected here when broken and the back-off allows (blocking,
-/// bounded: call it through [`client::blocking`]). In subprocess mode,
+/// (re)connected here when broken and the back-off allows (the attempt
+/// blocks, bounded, through [`client::blocking`]; the common paths take
+/// a lock and return). In subprocess mode,
 /// while no helper can be reached, a client that refuses every handover
 /// (the sinks send direct, counted). In `auto`, a process that has not
 /// forked and is no client looks for a running helper (never starts one).
@@ -390,7 +391,12 @@ pub fn acquire() -> Option<Arc<client::Client>> {
         ))));
     }
     let may_start = !discovering && cfg.binary.is_some();
-    match subprocess::reconnect(&cfg, may_start, discovering) {
+    let attempt = if subprocess::due() {
+        client::blocking(|| subprocess::reconnect(&cfg, may_start, discovering))
+    } else {
+        Reconnect::Unavailable(subprocess::WAITING.to_owned())
+    };
+    match attempt {
         Reconnect::Connected(c) => {
             let c = Arc::new(c);
             let mut st = state();

@@ -125,7 +125,7 @@ impl BatchSink<Trace> for Sidecar<Arc<TraceExporter>> {
         let e = &self.inner;
         // v0.5 bodies cannot be merged by the listener: they go direct.
         let client = (e.config().protocol == Protocol::V04 && !e.is_closed())
-            .then(|| client::blocking(super::acquire))
+            .then(super::acquire)
             .flatten();
         let Some(client) = client else {
             return TraceExporter::send(e, batch, generation, Some(stop)).await;
@@ -157,7 +157,7 @@ impl BatchSink<Exposure> for Sidecar<EvpSink> {
         generation: u64,
         stop: &CancellationToken,
     ) -> SendReport {
-        let Some(client) = client::blocking(super::acquire) else {
+        let Some(client) = super::acquire() else {
             return self.inner.send(batch, generation, stop).await;
         };
         let route = EvpRoute::new(self.inner.url(), self.inner.context());

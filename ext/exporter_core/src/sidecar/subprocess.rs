@@ -251,6 +251,15 @@ fn schedule() -> MutexGuard<'static, Schedule> {
     SCHEDULE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Why [`reconnect`] did not try.
+pub const WAITING: &str = "waiting before the next attempt to reach the helper";
+
+/// Whether the schedule allows an attempt now (a cheap check before the
+/// blocking [`reconnect`]).
+pub fn due() -> bool {
+    schedule().next.is_none_or(|t| Instant::now() >= t)
+}
+
 /// What [`reconnect`] found.
 pub enum Reconnect {
     Connected(Client),
@@ -361,6 +370,44 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn attempts_are_spaced_by_a_doubling_back_off_and_counted() {
+        let d = tmp("backoff");
+        let c = cfg(&d, None);
+        after_fork_child();
+        let errors = || COUNTERS.connect_errors.load(Ordering::SeqCst);
+        assert!(due());
+        assert!(matches!(reconnect(&c, false, false), Reconnect::Unavailable(w) if w != WAITING));
+        assert_eq!(errors(), 1);
+        assert!(!due());
+        assert!(matches!(reconnect(&c, false, false), Reconnect::Unavailable(w) if w == WAITING));
+        assert_eq!(errors(), 1, "a skipped attempt is not an error");
+        let mut waits = Vec::new();
+        for _ in 0..2 {
+            let failed = Instant::now();
+            while !due() {
+                assert!(failed.elapsed() < MAX_BACKOFF * 2, "never due again");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            waits.push(failed.elapsed());
+            assert!(matches!(
+                reconnect(&c, false, false),
+                Reconnect::Unavailable(_)
+            ));
+        }
+        assert!(waits[0] >= MIN_BACKOFF, "{waits:?}");
+        assert!(waits[1] >= MIN_BACKOFF * 2, "{waits:?}");
+        // Discovery (auto) failures are neither counted nor backed off.
+        after_fork_child();
+        assert!(matches!(
+            reconnect(&c, false, true),
+            Reconnect::Unavailable(_)
+        ));
+        assert_eq!(errors(), 0);
+        assert!(!due());
+        after_fork_child();
     }
 
     #[test]
