@@ -34,8 +34,9 @@ use tokio::runtime::Handle;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::aggregate::{Aggregate, Counts, Evaluation, Landed, Row, RowKey, Tier};
+use super::aggregate::{Aggregate, Counts, Landed, Row, RowKey, Tier};
 use super::encode::{head, next_body};
+use super::packed::Packed;
 use super::FLAG_EVALUATIONS_PATH;
 use crate::agent::{Post, SendReport};
 use crate::exposures::Context;
@@ -133,7 +134,7 @@ pub struct EvaluationWorker {
     flush_interval: Duration,
     capacity: usize,
     wake_at: usize,
-    queue: Mutex<Vec<Evaluation>>,
+    queue: Mutex<Vec<Packed>>,
     aggregate: Mutex<Aggregate>,
     counters: Counters,
     flushes: Flushes,
@@ -188,7 +189,7 @@ impl EvaluationWorker {
         })
     }
 
-    fn queue(&self) -> MutexGuard<'_, Vec<Evaluation>> {
+    fn queue(&self) -> MutexGuard<'_, Vec<Packed>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -202,7 +203,7 @@ impl EvaluationWorker {
 
     /// Queues an evaluation: false when it was dropped (queue full, or
     /// stopped), counted either way.
-    pub fn record(&self, e: Evaluation) -> bool {
+    pub fn record(&self, e: Packed) -> bool {
         let c = &self.counters;
         c.recorded.fetch_add(1, Ordering::Relaxed);
         let mut q = self.queue();
@@ -314,9 +315,19 @@ impl EvaluationWorker {
         let mut done = 0u64;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let mut agg = self.aggregate();
-            for e in batch.drain(..) {
-                let (key, at) = RowKey::of(e);
-                self.land(&mut agg, key, Counts::one(at), Tier::Full, false);
+            for packed in batch.drain(..) {
+                match packed.unpack() {
+                    Ok(e) => {
+                        let (key, at) = RowKey::of(e);
+                        self.land(&mut agg, key, Counts::one(at), Tier::Full, false);
+                    }
+                    Err(bad) => {
+                        // A bug (our packer wrote it): counted, logged once.
+                        self.counters.held.fetch_sub(1, Ordering::AcqRel);
+                        self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                        self.log.outcome(Some(&bad.to_string()));
+                    }
+                }
                 done += 1;
             }
         }));
@@ -362,11 +373,7 @@ impl EvaluationWorker {
         c.panics.fetch_add(1, Ordering::Relaxed);
         c.held.fetch_sub(held, Ordering::AcqRel);
         c.failed.fetch_add(held, Ordering::Relaxed);
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown".into());
+        let what = crate::log::panic_message(&*panic);
         self.log
             .outcome(Some(&format!("worker panicked (recovered): {what}")));
     }
@@ -724,6 +731,7 @@ impl Worker for EvaluationWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flags::aggregate::Evaluation;
     use crate::runtime;
     use std::pin::Pin;
     use std::task::{Context as TaskContext, Poll};
@@ -803,14 +811,14 @@ mod tests {
         Arc::new(w)
     }
 
-    fn eval(tk: &str) -> Evaluation {
-        Evaluation {
+    fn eval(tk: &str) -> Packed {
+        Packed::from(&Evaluation {
             flag: "f".into(),
             variant: Some("on".into()),
             targeting_key: Some(tk.into()),
             timestamp_ms: 1_760_000_000_000,
             ..Default::default()
-        }
+        })
     }
 
     fn flush(h: &Handle, w: &Arc<EvaluationWorker>) -> bool {
