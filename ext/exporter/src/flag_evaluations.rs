@@ -6,7 +6,6 @@
 //! there is no worker at all: `_record` returns false.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use exporter_core::exposures::Context;
 use exporter_core::flags::context::{MAX_CAPTURED_NODES, MAX_CHARS, MAX_DEPTH};
@@ -331,14 +330,8 @@ impl FlagEvaluations {
         let Some(inner) = &rb_self.inner else {
             return Ok(true);
         };
-        if !(timeout.is_finite() && timeout >= 0.0) {
-            return Err(errors::argument(
-                ruby,
-                "timeout must be a non-negative number of seconds",
-            ));
-        }
+        let limit = errors::wait(ruby, timeout)?;
         let flushed = inner.flush();
-        let limit = Duration::from_secs_f64(timeout);
         Ok(matches!(
             gvl::run(ruby, move |_| async move {
                 tokio::time::timeout(limit, flushed).await.unwrap_or(false)
