@@ -2,7 +2,6 @@
 
 require "set"
 require "json"
-require "open3"
 
 # Thread mode with real forks and the real agent: the spec process is the
 # forking parent (a listener from its first fork, as in `auto`), its
@@ -76,12 +75,21 @@ RSpec.describe Exporter::Sidecar do
     expect_trace_ids((200...220).to_a)
   end
 
-  it "with the listener unable to read, the child sends direct, counted, and nothing is lost" do
+  it "with the listener unable to read, the child sends direct, counted, and a SIGKILL after flush loses nothing" do
     Exporter::Native.sidecar_test_stall(true)
-    report = in_child do
+    r, w = IO.pipe
+    pid = fork do
+      r.close
       (300...320).each { |id| writer.write(trace(id)) }
-      { flushed: writer.flush(timeout: 15), counters: described_class.status[:counters] }
+      w.puts(JSON.generate(flushed: writer.flush(timeout: 15), counters: described_class.status[:counters]))
+      w.close
+      Process.kill(:KILL, Process.pid)
     end
+    w.close
+    status = wait_bounded(pid, timeout: 30)
+    report = JSON.parse(r.read, symbolize_names: true)
+    r.close
+    expect(status.termsig).to eq(Signal.list["KILL"])
     expect(report[:flushed]).to be(true)
     expect(report[:counters]).to include(traces_direct: 20, traces_handed_over: 0)
     expect(report[:counters][:frames_timed_out]).to be >= 1
@@ -102,6 +110,27 @@ RSpec.describe Exporter::Sidecar do
     expect(report[:grandchild][:status]).to include(mode: "direct", role: "none")
     expect(report[:grandchild][:status][:counters]).to include(traces_handed_over: 0)
     expect_trace_ids((400...405).to_a)
+  end
+
+  # Resque-like: fork, write, flush, exit! per job, from a fresh parent
+  # (a listener from its first fork). Job time is in bench/sidecar.rb.
+  it "fork per job x 100 (fork, write, flush, exit!): every trace arrives exactly once" do
+    script = <<~RUBY
+      require "exporter"
+      w = Exporter::Writer.new(transport: Exporter::Transport.new(url: #{agent.url.inspect}), flush_interval: 60)
+      100.times do |i|
+        pid = fork { w.write([{ trace_id: 5000 + i, span_id: 1, name: "job", start: 1, duration: 1 }]); exit!(w.flush(timeout: 10) ? 0 : 1) }
+        _, st = Process.wait2(pid)
+        abort "job \#{i}: flush failed" unless st.success?
+      end
+      puts Exporter::Sidecar.status[:role]
+      exit(Exporter::Sidecar.flush(timeout: 10) ? 0 : 1)
+    RUBY
+    out, err, st = capture_bounded(ruby_bin, "-I#{lib_dir}", "-e", script, timeout: 50)
+    expect(st).to be_success, err
+    expect(out.strip).to eq("listener")
+    got = eventually(timeout: 15) { (t = agent.traces).size >= 100 && t }
+    expect(got.map { |t| t.first["trace_id"] }.sort).to eq((5000...5100).to_a)
   end
 
   it "a worker never starts a listener" do
@@ -211,7 +240,7 @@ RSpec.describe "EXPORTER_SIDECAR modes" do # rubocop:disable RSpec/DescribeClass
       w.close; out = r.read; Process.wait(pid)
       puts JSON.generate(parent: Exporter::Sidecar.status, child: JSON.parse(out))
     RUBY
-    out, err, st = Open3.capture3({ "EXPORTER_SIDECAR" => mode }, ruby_bin, "-I#{lib_dir}", "-e", script)
+    out, err, st = capture_bounded({ "EXPORTER_SIDECAR" => mode }, ruby_bin, "-I#{lib_dir}", "-e", script)
     expect(st).to be_success, err
     [JSON.parse(out, symbolize_names: true), err]
   end
