@@ -419,11 +419,7 @@ pub type Bodies = Vec<(Vec<u8>, usize, usize)>;
 /// bytes, with how many exposures each holds and the index in `events`
 /// just past its last one; plus the indices of the exposures that alone
 /// exceed the cap (dropped).
-pub fn encode(
-    context: &Context,
-    events: &[Exposure],
-    cap: usize,
-) -> (Bodies, Vec<usize>) {
+pub fn encode(context: &Context, events: &[Exposure], cap: usize) -> (Bodies, Vec<usize>) {
     let mut head = b"{\"context\":".to_vec();
     // Serialising strings and numbers cannot fail.
     let _ = serde_json::to_writer(&mut head, context);
