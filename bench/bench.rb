@@ -151,6 +151,22 @@ lines << "| idle RSS MB, msgpack + net/http loaded | #{fmt_range.('idle none', :
 lines << "| Exposures#record µs/call on the Ruby thread, new assignment (3 attributes) | #{fmt_range.('exposures', :record_us, 2)} |"
 lines << "| Exposures#record µs/call on the Ruby thread, deduplicated | #{fmt_range.('exposures', :record_dedup_us, 2)} |"
 
+# Flag-evaluation counts (bench/flag_evaluations.rb, its own rounds).
+flag_out, flag_err, flag_st = Open3.capture3({ "BENCH_ROUNDS" => ROUNDS.to_s, "BENCH_CALLS" => "100000" },
+                                             RUBY, File.join(ROOT, "bench", "flag_evaluations.rb"))
+raise "flag_evaluations.rb failed: #{flag_err}" unless flag_st.success?
+
+flag_runs = JSON.parse(flag_out.lines.last)
+flag_med = ->(name, key) { median(flag_runs.fetch(name).map { |r| r[key] }) }
+flag_fmt = lambda do |name, key|
+  xs = flag_runs.fetch(name).map { |r| r[key] }
+  format("%.2f [%.2f..%.2f]", median(xs), xs.min, xs.max)
+end
+flag_runs.each_key do |name|
+  lines << "| FlagEvaluations: #{name}, µs/call on the Ruby thread | #{flag_fmt.(name, 'call')} |"
+  lines << "| FlagEvaluations: #{name}, worker µs/evaluation | #{flag_fmt.(name, 'worker')} |"
+end
+
 sys_ratio = med.("system", :gem_to_none)
 targets = []
 SHAPES.each do |ids|
@@ -189,6 +205,10 @@ targets.push(
   ["Exposures#record <= 0.3 µs, deduplicated", med.("exposures", :record_dedup_us) <= 0.3,
    format("%.2f µs", med.("exposures", :record_dedup_us))]
 )
+flag_runs.each_key do |name|
+  targets << ["FlagEvaluations #{name} <= 1 µs/call", flag_med.(name, "call") <= 1.0,
+              format("%.2f µs", flag_med.(name, "call"))]
+end
 
 lines << ""
 lines << "| target | result | |"

@@ -130,3 +130,6 @@ results.each do |name, runs|
   puts format("%-52s %8.3f (%.3f..%.3f) %10.3f (%.3f..%.3f)   <= %.1f µs %s%s", name, median(calls), calls.min,
               calls.max, median(worker), worker.min, worker.max, TARGET_US, verdict, note)
 end
+# For bench/bench.rb: every round's figures, by measure.
+require "json"
+puts JSON.generate(results.transform_values { |runs| runs.map { |r| r.slice(:call, :worker) } })

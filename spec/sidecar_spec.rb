@@ -2,7 +2,6 @@
 
 require "set"
 require "json"
-require "open3"
 require "tmpdir"
 
 # Thread mode with real forks and the real agent: the spec process is the
@@ -58,7 +57,7 @@ RSpec.describe Exporter::Sidecar do
     end
     expect(report[:flushed]).to be(true)
     expect(report[:status]).to include(mode: "thread", role: "client", socket: nil)
-    expect(report[:status][:counters]).to include(handed_over: 20, sent_direct: 0)
+    expect(report[:status][:counters]).to include(traces_handed_over: 20, traces_direct: 0)
     expect(report[:agent_connections]).to eq(0)
     expect(described_class.status).to include(mode: :thread, role: :listener)
     expect(writer.flush(timeout: 5)).to be(true)
@@ -77,15 +76,24 @@ RSpec.describe Exporter::Sidecar do
     expect_trace_ids((200...220).to_a)
   end
 
-  it "with the listener unable to read, the child sends direct, counted, and nothing is lost" do
+  it "with the listener unable to read, the child sends direct, counted, and a SIGKILL after flush loses nothing" do
     Exporter::Native.sidecar_test_stall(true)
-    report = in_child do
+    r, w = IO.pipe
+    pid = fork do
+      r.close
       (300...320).each { |id| writer.write(trace(id)) }
-      { flushed: writer.flush(timeout: 15), counters: described_class.status[:counters] }
+      w.puts(JSON.generate(flushed: writer.flush(timeout: 15), counters: described_class.status[:counters]))
+      w.close
+      Process.kill(:KILL, Process.pid)
     end
+    w.close
+    status = wait_bounded(pid, timeout: 30)
+    report = JSON.parse(r.read, symbolize_names: true)
+    r.close
+    expect(status.termsig).to eq(Signal.list["KILL"])
     expect(report[:flushed]).to be(true)
-    expect(report[:counters]).to include(sent_direct: 20, handed_over: 0)
-    expect(report[:counters][:timeouts]).to be >= 1
+    expect(report[:counters]).to include(traces_direct: 20, traces_handed_over: 0)
+    expect(report[:counters][:frames_timed_out]).to be >= 1
     got = eventually(timeout: 10) { (t = agent.traces).size >= 20 && t }
     expect(got.map { |t| t.first["trace_id"] }.uniq.sort).to eq((300...320).to_a)
   end
@@ -101,8 +109,29 @@ RSpec.describe Exporter::Sidecar do
     expect(report[:status]).to include(role: "client")
     expect(report[:grandchild][:flushed]).to be(true)
     expect(report[:grandchild][:status]).to include(mode: "direct", role: "none")
-    expect(report[:grandchild][:status][:counters]).to include(handed_over: 0)
+    expect(report[:grandchild][:status][:counters]).to include(traces_handed_over: 0)
     expect_trace_ids((400...405).to_a)
+  end
+
+  # Resque-like: fork, write, flush, exit! per job, from a fresh parent
+  # (a listener from its first fork). Job time is in bench/sidecar.rb.
+  it "fork per job x 100 (fork, write, flush, exit!): every trace arrives exactly once" do
+    script = <<~RUBY
+      require "exporter"
+      w = Exporter::Writer.new(transport: Exporter::Transport.new(url: #{agent.url.inspect}), flush_interval: 60)
+      100.times do |i|
+        pid = fork { w.write([{ trace_id: 5000 + i, span_id: 1, name: "job", start: 1, duration: 1 }]); exit!(w.flush(timeout: 10) ? 0 : 1) }
+        _, st = Process.wait2(pid)
+        abort "job \#{i}: flush failed" unless st.success?
+      end
+      puts Exporter::Sidecar.status[:role]
+      exit(Exporter::Sidecar.flush(timeout: 10) ? 0 : 1)
+    RUBY
+    out, err, st = capture_bounded(ruby_bin, "-I#{lib_dir}", "-e", script, timeout: 50)
+    expect(st).to be_success, err
+    expect(out.strip).to eq("listener")
+    got = eventually(timeout: 15) { (t = agent.traces).size >= 100 && t }
+    expect(got.map { |t| t.first["trace_id"] }.sort).to eq((5000...5100).to_a)
   end
 
   it "a worker never starts a listener" do
@@ -127,6 +156,61 @@ RSpec.describe Exporter::Sidecar do
     expect(subjects.sort).to eq(%w[user-1 worker-0 worker-1 worker-2 worker-3])
   ensure
     exposures&.close(timeout: 2)
+  end
+
+  # The listener's dedup marks an exposure sent only once the agent
+  # accepted it: refused for good (400), it is un-marked, and the next
+  # identical one is sent again, from the same worker (which learns it
+  # from the listener's next Ack) or another; once accepted (202), the
+  # same exposure from another worker is deduplicated.
+  it "an exposure the agent refused for good is sent again; once accepted, it is deduplicated" do
+    server = ScriptedServer.new { |n| n.zero? ? [400, {}, "{}"] : [202, {}, "{}"] }
+    exposures = Exporter::Exposures.new(url: server.url, flush_interval: 60, service: "sidecar-spec")
+    x = { flag: "checkout", allocation: "a1", variant: "on", subject_id: "user-x" }
+    parent_r, child_w = IO.pipe # child -> parent
+    child_r, parent_w = IO.pipe # parent -> child
+    pid = fork do
+      parent_r.close
+      parent_w.close
+      out = { first: exposures.record(**x), first_flushed: exposures.flush(timeout: 10) }
+      child_w.puts("handed over")
+      child_r.gets # the listener has sent it, and the agent refused it
+      out[:before_next_ack] = exposures.record(**x)
+      exposures.record(**x, subject_id: "user-y")
+      out[:y_flushed] = exposures.flush(timeout: 10) # its Ack says: un-marked
+      out[:again] = exposures.record(**x)
+      out[:again_flushed] = exposures.flush(timeout: 10)
+      out[:counters] = described_class.status[:counters]
+      child_w.puts(JSON.generate(out))
+      exit!(0)
+    end
+    child_r.close
+    child_w.close
+    expect(parent_r.gets(chomp: true)).to eq("handed over")
+    expect(described_class.flush(timeout: 10)).to be(false)
+    expect(described_class.status[:counters]).to include(exposures_unmarked: 1)
+    parent_w.puts("go")
+    report = JSON.parse(parent_r.gets, symbolize_names: true)
+    status = wait_bounded(pid, timeout: 30)
+    pid = nil
+    expect(status).to be_success
+    expect(report).to include(first: true, first_flushed: true, y_flushed: true, again: true, again_flushed: true)
+    # Until its next handover the worker does not know: still suppressed.
+    expect(report[:before_next_ack]).to be(false)
+    expect(report[:counters]).to include(exposures_handed_over: 3, exposures_direct: 0)
+    expect(described_class.flush(timeout: 10)).to be(true)
+    in_child { { recorded: exposures.record(**x), flushed: exposures.flush(timeout: 10) } }
+    expect(described_class.flush(timeout: 10)).to be(true)
+    subjects = server.received.select { |r| r.path == "/evp_proxy/v2/api/v2/exposures" }
+                     .map { |r| JSON.parse(r.body)["exposures"].map { |e| e.dig("subject", "id") } }
+    expect(subjects.flatten.sort).to eq(%w[user-x user-x user-y])
+    expect(described_class.status[:counters]).to include(exposures_unmarked: 1)
+    expect(described_class.status[:counters][:exposures_deduplicated]).to be >= 1
+  ensure
+    kill_hard(pid) if pid
+    [parent_r, parent_w].each { |io| io&.close unless io&.closed? }
+    exposures&.close(timeout: 2)
+    server&.close
   end
 
   it "evaluation counts from 4 workers are summed into one row" do
@@ -157,7 +241,7 @@ RSpec.describe "EXPORTER_SIDECAR modes" do # rubocop:disable RSpec/DescribeClass
       w.close; out = r.read; Process.wait(pid)
       puts JSON.generate(parent: Exporter::Sidecar.status, child: JSON.parse(out))
     RUBY
-    out, err, st = Open3.capture3({ "EXPORTER_SIDECAR" => mode }.merge(env), ruby_bin, "-I#{lib_dir}", "-e", script)
+    out, err, st = capture_bounded({ "EXPORTER_SIDECAR" => mode }.merge(env), ruby_bin, "-I#{lib_dir}", "-e", script)
     expect(st).to be_success, err
     [JSON.parse(out, symbolize_names: true), err]
   end

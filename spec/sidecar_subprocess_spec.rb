@@ -88,7 +88,8 @@ RSpec.describe "Exporter::Sidecar subprocess mode" do # rubocop:disable RSpec/De
     r = reports.last
     expect(r[:flushed]).to eq([true, true, true])
     expect(r[:status]).to include(mode: "subprocess", role: "client", socket: socket)
-    expect(r[:status][:counters]).to include(handed_over: 14, sent_direct: 0, helper_starts: 1, helper_connects: 1)
+    expect(r[:status][:counters]).to include(traces_handed_over: 10, exposures_handed_over: 1, evaluations_handed_over: 3,
+                                                   traces_direct: 0, helper_starts: 1, helper_connects: 1)
     expect(r[:connections]).to eq(0)
     helper = r[:helper][:pid]
     expect(HelperProcesses.helper_pids(xdg)).to eq([helper])
@@ -187,7 +188,7 @@ RSpec.describe "Exporter::Sidecar subprocess mode" do # rubocop:disable RSpec/De
     expect(r.map { |x| x[:flushed] }.uniq).to eq([true])
     expect(r.map { |x| x[:helper][:pid] }.uniq.size).to eq(1)
     expect(r.sum { |x| x[:counters][:helper_starts] }).to eq(1)
-    expect(r.sum { |x| x[:counters][:handed_over] }).to eq(20)
+    expect(r.sum { |x| x[:counters][:traces_handed_over] }).to eq(20)
     expect(HelperProcesses.helper_pids(xdg).size).to eq(1)
     expect(File.read(log).scan("serving").size).to eq(1)
     expect(eventually(timeout: 15) { (ids = trace_ids).size >= 20 && ids }.size).to eq(20)
@@ -238,12 +239,12 @@ RSpec.describe "Exporter::Sidecar subprocess mode" do # rubocop:disable RSpec/De
       expect(last[:flushed]).to be(true)
       c = last[:counters]
       expect(c[:helper_connections_lost]).to be >= 1
-      expect(c[:sent_direct]).to be >= 1
+      expect(c[:traces_direct]).to be >= 1
       expect(c[:helper_starts]).to eq(2)
-      expect(c[:handed_over] + c[:sent_direct]).to be >= 130
+      expect(c[:traces_handed_over] + c[:traces_direct]).to be >= 130
       expect(last[:helper][:pid]).not_to eq(old)
       expect(last[:reconnected_after]).to be < 3.0
-      warn "helper SIGKILL: #{c.slice(:sent_direct, :handed_over, :helper_starts, :helper_connections_lost)}, reconnected after #{last[:reconnected_after].round(3)} s" if ENV["EXPORTER_SPEC_FIGURES"]
+      warn "helper SIGKILL: #{c.slice(:traces_direct, :traces_handed_over, :helper_starts, :helper_connections_lost)}, reconnected after #{last[:reconnected_after].round(3)} s" if ENV["EXPORTER_SPEC_FIGURES"]
       after_kill = (1000...1100).to_a
       ids = eventually(timeout: 15) { (i = trace_ids) && (after_kill - i).empty? && i }
       expect(after_kill - ids).to eq([])
@@ -298,7 +299,7 @@ RSpec.describe "Exporter::Sidecar subprocess mode" do # rubocop:disable RSpec/De
       r = run_client(write_and_report, extra_env: auto_env).last
       expect(r[:flushed]).to be(true)
       expect(r[:before_fork]).to include(mode: "subprocess", role: "client", socket: socket)
-      expect(r[:before_fork][:counters]).to include(handed_over: 1, helper_starts: 0)
+      expect(r[:before_fork][:counters]).to include(traces_handed_over: 1, helper_starts: 0)
       expect(r[:after_fork]).to include(mode: "thread", role: "listener", socket: nil)
       expect(r[:child]).to include(flushed: true)
       expect(r[:child][:status]).to include(mode: "thread", role: "client")
@@ -310,7 +311,7 @@ RSpec.describe "Exporter::Sidecar subprocess mode" do # rubocop:disable RSpec/De
       r = run_client(write_and_report,
                      extra_env: auto_env.merge("EXPORTER_SIDECAR_SOCKET" => other)).last
       expect(r[:before_fork]).to include(mode: "subprocess", socket: other)
-      expect(r[:before_fork][:counters]).to include(handed_over: 1, helper_starts: 1)
+      expect(r[:before_fork][:counters]).to include(traces_handed_over: 1, helper_starts: 1)
       expect(Exporter::Sidecar.helper_status(socket: other)).to include(traces_received: 1)
       expect(HelperProcesses.helper_pids(xdg).size).to eq(2)
     end

@@ -99,7 +99,7 @@ module Exporter
 
       def sidecar_unsent(unsent)
         c = Sidecar.status[:counters]
-        unsent["trace payloads handed over by workers"] += c[:bodies_pending].to_i
+        unsent["trace payloads handed over by workers"] += c[:trace_bodies_pending].to_i
         unsent["exposures handed over by workers"] += c[:exposures_pending].to_i
         unsent["flag evaluations handed over by workers"] += c[:evaluations_pending].to_i
         unsent.delete_if { |_, n| n.zero? }

@@ -43,7 +43,7 @@ RSpec.describe "gem build and install" do # rubocop:disable RSpec/DescribeClass
         w = Exporter::Writer.new(transport: Exporter::Transport.new(url: #{agent.url.inspect}))
         w.write([{ trace_id: 43, span_id: 1, name: "gem" }])
         c = Exporter::Sidecar.status[:counters] if w.flush(timeout: 10)
-        exit(r.ok? && c && c[:handed_over] == 1 && c[:helper_starts] == 1 ? 0 : 1)
+        exit(r.ok? && c && c[:traces_handed_over] == 1 && c[:helper_starts] == 1 ? 0 : 1)
       RUBY
       load_env = { "GEM_HOME" => File.join(dir, "home"), "GEM_PATH" => File.join(dir, "home"), "RUBYOPT" => nil,
                    "BUNDLE_GEMFILE" => nil, "RUBYLIB" => nil, "EXPORTER_SIDECAR" => "subprocess",

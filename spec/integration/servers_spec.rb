@@ -43,7 +43,23 @@ RSpec.describe "preforking servers" do # rubocop:disable RSpec/DescribeClass
   end
 
   # REQUESTS requests over 6 concurrent connections; returns serving pids.
+  # Meanwhile, every 20 ms, the agent connections of the master and of
+  # each of its children (workers) are sampled: @agent_conns[pid] = most seen.
   def drive(port)
+    @agent_conns = Hash.new(0)
+    agent_port = URI(agent.url).port
+    driving = true
+    sampler = Thread.new do
+      while driving
+        pids = [@pid] + File.read("/proc/#{@pid}/task/#{@pid}/children").split.map(&:to_i)
+        pids.each do |p|
+          @agent_conns[p] = [@agent_conns[p], AgentSockets.connections(p, agent_port)].max
+        rescue Errno::ENOENT, Errno::ESRCH
+          nil
+        end
+        sleep 0.02
+      end
+    end
     ids = Queue.new
     (2..REQUESTS + 1).each { |i| ids << i }
     pids = Queue.new
@@ -60,6 +76,9 @@ RSpec.describe "preforking servers" do # rubocop:disable RSpec/DescribeClass
       end
     end.each { |th| th.join(60) }
     Array.new(pids.size) { pids.pop }.uniq
+  ensure
+    driving = false
+    sampler&.join(5)
   end
 
   def get(port, path, id = 0)
@@ -82,6 +101,7 @@ RSpec.describe "preforking servers" do # rubocop:disable RSpec/DescribeClass
       if SIDECAR
         expect(s).to include(mode: "thread", role: "client")
         expect(AgentSockets.connections(pid, agent_port)).to eq(0), "worker #{pid} holds an agent connection"
+        expect(@agent_conns[pid]).to eq(0), "worker #{pid} held an agent connection during the requests"
       else
         expect(s).to include(mode: "direct", role: "none")
       end
@@ -123,6 +143,77 @@ RSpec.describe "preforking servers" do # rubocop:disable RSpec/DescribeClass
     status = stop_server(:TERM)
     # Puma re-raises SIGTERM once its graceful stop is done.
     expect(status.success? || status.termsig == Signal.list["TERM"]).to be(true), status.inspect
+    expect_all_traces
+  end
+
+  # Roles seen through /status: {pid => status}, at least `min` workers.
+  def worker_statuses(port, min)
+    eventually(timeout: 20) do
+      seen = {}
+      24.times do
+        s = JSON.parse(get(port, "/status").body, symbolize_names: true)
+        seen[s[:pid]] = s[:sidecar]
+      end
+      seen if seen.size >= min
+    end
+  end
+
+  def parent_of(pid) = File.read("/proc/#{pid}/stat").split(") ").last.split[1].to_i
+
+  # Puma's fork_worker: workers 1..3 are forked by worker 0, not by the
+  # master. Without preload_app! the master never loads the app (nor the
+  # gem), so worker 0 is the first process of ours that forks: it becomes
+  # the listener, and the workers it forks are its clients (the same rule
+  # as a master's). A refork (SIGURG) forks new clients from it again.
+  it "puma fork_worker without preload: worker 0 is the listener, the workers it forks are its clients; nothing lost",
+     timeout: 180 do
+    port = TestAgent.free_port
+    start_server(["puma", "-w", "4", "-t", "1:1", "--fork-worker", "-b", "tcp://127.0.0.1:#{port}", "config.ru"], port)
+    expect(drive(port).size).to be >= 2
+    statuses = worker_statuses(port, 4)
+    agent_port = URI(agent.url).port
+    if SIDECAR
+      listener, clients = statuses.partition { |_, s| s[:role] == "listener" }
+      expect(listener.size).to eq(1)
+      zero = listener.first.first
+      expect(parent_of(zero)).to eq(@pid)
+      clients.each do |pid, s|
+        expect(s).to include(mode: "thread", role: "client")
+        expect(parent_of(pid)).to eq(zero)
+        expect(AgentSockets.connections(pid, agent_port)).to eq(0), "worker #{pid} holds an agent connection"
+      end
+      expect(AgentSockets.connections(@pid, agent_port)).to eq(0)
+      eventually(timeout: 10) { AgentSockets.connections(zero, agent_port).positive? }
+    else
+      statuses.each_value { |s| expect(s).to include(mode: "direct", role: "none") }
+    end
+    stop_server(:TERM)
+    expect_all_traces(killed: false)
+  end
+
+  # With preload_app! as well, the master is the listener: worker 0 is its
+  # client, and the workers forked by worker 0 are children of a client,
+  # which run direct (each its own agent connection).
+  it "puma fork_worker with preload_app!: worker 0 is a client, the workers it forks run direct; nothing lost",
+     timeout: 180 do
+    port = TestAgent.free_port
+    start_server(["puma", "-w", "4", "-t", "1:1", "--preload", "--fork-worker", "-b", "tcp://127.0.0.1:#{port}",
+                  "config.ru"], port)
+    expect(drive(port).size).to be >= 2
+    statuses = worker_statuses(port, 4)
+    if SIDECAR
+      zero, direct = statuses.partition { |_, s| s[:role] == "client" }
+      expect(zero.size).to eq(1)
+      expect(parent_of(zero.first.first)).to eq(@pid)
+      direct.each do |pid, s|
+        expect(s).to include(mode: "direct", role: "none")
+        expect(parent_of(pid)).to eq(zero.first.first)
+      end
+    else
+      statuses.each_value { |s| expect(s).to include(mode: "direct", role: "none") }
+    end
+    kill_a_worker(port)
+    stop_server(:TERM)
     expect_all_traces
   end
 

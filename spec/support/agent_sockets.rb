@@ -1,5 +1,7 @@
 # frozen_string_literal: true
 
+require "set"
+
 # Which processes hold a TCP connection to a port, read from /proc: the
 # socket inodes among a process's fds, matched against the established
 # connections of /proc/<pid>/net/tcp{,6}.

@@ -49,6 +49,20 @@ module ProcessHelpers
     wait_bounded(pid, timeout: timeout)
   end
 
+  # Runs argv (optional env Hash first) with its output captured, waits
+  # with a bound (killed past it); returns [stdout, stderr, status].
+  def capture_bounded(*argv, timeout: 30)
+    out_r, out_w = IO.pipe
+    err_r, err_w = IO.pipe
+    pid = Process.spawn(*argv, out: out_w, err: err_w, pgroup: true)
+    [out_w, err_w].each(&:close)
+    readers = [out_r, err_r].map { |io| Thread.new { io.read } }
+    status = wait_bounded(pid, timeout: timeout)
+    [*readers.map(&:value), status]
+  ensure
+    [out_r, err_r].each { |io| io&.close unless io&.closed? }
+  end
+
   def ruby_bin = RbConfig.ruby
   def lib_dir = File.expand_path("../../lib", __dir__)
 

@@ -82,7 +82,7 @@ fn with_text_noting<R>(
     Ok((r, !as_is))
 }
 
-fn with_text<R>(ruby: &Ruby, v: Value, f: impl FnOnce(&str) -> R) -> Result<R, Problem> {
+pub(crate) fn with_text<R>(ruby: &Ruby, v: Value, f: impl FnOnce(&str) -> R) -> Result<R, Problem> {
     with_text_noting(ruby, v, f).map(|(r, _)| r)
 }
 
@@ -362,7 +362,7 @@ fn symbol_text<R>(ruby: &Ruby, s: Symbol, f: impl FnOnce(&str) -> R) -> Result<R
 }
 
 /// Passes a Hash key (String or Symbol), as UTF-8, to `f`.
-fn key_with<R>(ruby: &Ruby, k: Value, f: impl FnOnce(&str) -> R) -> Result<R, Problem> {
+pub(crate) fn key_with<R>(ruby: &Ruby, k: Value, f: impl FnOnce(&str) -> R) -> Result<R, Problem> {
     if let Some(sym) = Symbol::from_value(k) {
         return symbol_text(ruby, sym, f);
     }
@@ -387,7 +387,7 @@ fn integer(v: Value) -> Result<Integer, Problem> {
 /// A Fixnum's value, read from the VALUE itself (most ids, timestamps and
 /// durations are Fixnums: tagged with the low bit on 64-bit CRuby).
 #[inline(always)]
-fn fixnum(v: Value) -> Option<i64> {
+pub(crate) fn fixnum(v: Value) -> Option<i64> {
     let raw = v.as_raw();
     (raw & 1 == 1).then_some((raw as i64) >> 1)
 }

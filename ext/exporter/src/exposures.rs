@@ -232,6 +232,7 @@ impl Exposures {
                     "attributes_dropped",
                     c.attributes_dropped.load(Ordering::Relaxed),
                 ),
+                ("unmarked", c.unmarked.load(Ordering::Relaxed)),
                 ("requests", s.requests),
                 ("timed_out", s.timed_out),
                 ("retries", s.retries),

@@ -6,11 +6,10 @@
 //! there is no worker at all: `_record` returns false.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use exporter_core::exposures::Context;
-use exporter_core::flags::aggregate::Evaluation;
-use exporter_core::flags::context::{Captured, MAX_CAPTURED_NODES, MAX_CHARS, MAX_DEPTH};
+use exporter_core::flags::context::{MAX_CAPTURED_NODES, MAX_CHARS, MAX_DEPTH};
+use exporter_core::flags::packed::Packer;
 use exporter_core::flags::worker::{now_ms, Config, EvaluationWorker};
 use exporter_core::worker;
 use magnus::rb_sys::AsRawValue;
@@ -36,134 +35,180 @@ pub struct FlagEvaluations {
 /// The key the OpenFeature hook leaves out of a context's fields.
 const TARGETING_KEY: &str = "targeting_key";
 
-/// An optional String (or Symbol) argument; the error names it.
-fn opt_text(ruby: &Ruby, v: Value, name: &str) -> Result<Option<String>, Error> {
+/// An optional String (or Symbol) argument, packed; the error names it.
+fn put_text(ruby: &Ruby, p: &mut Packer, v: Value, name: &str) -> Result<(), Error> {
     if v.is_nil() {
-        return Ok(None);
+        p.none();
+        return Ok(());
     }
-    if let Some(s) = Symbol::from_value(v) {
-        return Ok(Some(s.name()?.into_owned()));
+    if RString::from_value(v).is_none() && Symbol::from_value(v).is_none() {
+        // SAFETY: the class name is copied before any Ruby code can run.
+        let class = unsafe { v.classname() }.into_owned();
+        return Err(errors::argument(
+            ruby,
+            format!("{name} must be a String (got {class})"),
+        ));
     }
-    convert::string(ruby, v)
-        .map(Some)
-        .map_err(|p| errors::argument(ruby, format!("{name} {p}")))
+    convert::key_with(ruby, v, |s| p.text(s))
+        .map_err(|problem| errors::argument(ruby, format!("{name} {problem}")))
 }
 
-/// A text of at most `MAX_CHARS` characters from a String or Symbol, else
-/// `None` (skipped). Bytes bound characters from above, so only long
-/// Strings are counted.
-fn short_text(ruby: &Ruby, v: Value) -> Option<String> {
-    let text = if let Some(sym) = Symbol::from_value(v) {
-        sym.name().ok()?.into_owned()
-    } else {
-        let s = RString::from_value(v)?;
-        if s.len() > MAX_CHARS && s.length() > MAX_CHARS {
-            return None;
-        }
-        convert::string(ruby, v).ok()?
-    };
-    (text.len() <= MAX_CHARS || text.chars().count() <= MAX_CHARS).then_some(text)
+/// Whether a text is at most `MAX_CHARS` characters (bytes bound
+/// characters from above, so only long ones are counted).
+fn short(s: &str) -> bool {
+    s.len() <= MAX_CHARS || s.chars().count() <= MAX_CHARS
 }
 
-/// Walks a context on the calling thread. Only values that can be kept
-/// are copied; containers nest at most `MAX_DEPTH` levels below the top,
-/// a container that is its own ancestor is skipped, and at most
-/// `MAX_CAPTURED_NODES` values are visited.
-struct Capture<'r> {
+/// Walks a context on the calling thread, writing what can be kept
+/// straight into the evaluation's one buffer (see `flags::packed`).
+/// Containers nest at most `MAX_DEPTH` levels below the top, a container
+/// that is its own ancestor is kept empty, and at most
+/// `MAX_CAPTURED_NODES` values are visited. Hashes are read without an
+/// `rb_protect` frame per entry (`convert::each_pair`): nothing here runs
+/// Ruby code or raises.
+struct Capture<'r, 'p> {
     ruby: &'r Ruby,
+    packer: &'p mut Packer,
     budget: usize,
-    ancestors: Vec<usize>,
+    /// The containers being walked (at most the top and `MAX_DEPTH`).
+    ancestors: [rb_sys::VALUE; MAX_DEPTH + 1],
+    depth: usize,
 }
 
-impl Capture<'_> {
+impl Capture<'_, '_> {
     fn enter(&mut self, v: Value) -> bool {
-        let id = v.as_raw() as usize;
-        if self.ancestors.contains(&id) {
+        let id = v.as_raw();
+        if self.ancestors[..self.depth].contains(&id) || self.depth == self.ancestors.len() {
             return false;
         }
-        self.ancestors.push(id);
+        self.ancestors[self.depth] = id;
+        self.depth += 1;
         true
     }
 
-    fn hash(
-        &mut self,
-        h: RHash,
-        depth: usize,
-        skip_targeting_key: bool,
-    ) -> Result<Vec<(String, Captured)>, Error> {
-        let mut out = Vec::with_capacity(h.len().min(MAX_CAPTURED_NODES));
-        if !self.enter(h.as_value()) {
-            return Ok(out);
-        }
-        h.foreach(|k: Value, v: Value| {
-            if self.budget == 0 {
-                return Ok(magnus::r_hash::ForEach::Stop);
-            }
-            self.budget -= 1;
-            let Some(key) = short_text(self.ruby, k) else {
-                return Ok(magnus::r_hash::ForEach::Continue);
-            };
-            if skip_targeting_key && key == TARGETING_KEY {
-                return Ok(magnus::r_hash::ForEach::Continue);
-            }
-            if let Some(value) = self.value(v, depth)? {
-                out.push((key, value));
-            }
-            Ok(magnus::r_hash::ForEach::Continue)
-        })?;
-        self.ancestors.pop();
-        Ok(out)
+    fn leave(&mut self) {
+        self.depth -= 1;
     }
 
-    fn array(&mut self, a: RArray, depth: usize) -> Result<Vec<Captured>, Error> {
-        let mut out = Vec::new();
-        if !self.enter(a.as_value()) {
-            return Ok(out);
+    /// Packs a String or Symbol of at most `MAX_CHARS` characters; false
+    /// (nothing written) for anything else.
+    fn text(&mut self, v: Value) -> bool {
+        if let Some(s) = RString::from_value(v) {
+            if s.len() > 4 * MAX_CHARS {
+                return false;
+            }
+        } else if Symbol::from_value(v).is_none() {
+            return false;
         }
-        let mut i = 0;
-        // Re-read the length each time: nothing here runs Ruby code, but
-        // the bound stays right whatever the Array does.
-        while i < a.len() && self.budget > 0 {
-            self.budget -= 1;
-            let v: Value = a.entry(i as isize)?;
-            // A skipped value keeps its position: the others keep their index.
-            out.push(self.value(v, depth)?.unwrap_or(Captured::Skipped));
-            i += 1;
-        }
-        self.ancestors.pop();
-        Ok(out)
+        let packer = &mut *self.packer;
+        convert::key_with(self.ruby, v, |s| {
+            let kept = short(s);
+            if kept {
+                packer.text(s);
+            }
+            kept
+        })
+        .unwrap_or(false)
     }
 
-    /// The captured value at `depth` (its parent's depth + 1 is where its
-    /// own children would be), or `None` when it is not kept.
-    fn value(&mut self, v: Value, depth: usize) -> Result<Option<Captured>, Error> {
+    fn hash(&mut self, h: RHash, depth: usize, skip_targeting_key: bool) {
+        let opened = self.packer.begin_map();
+        let mut count = 0u32;
+        if self.enter(h.as_value()) {
+            convert::each_pair(h, |k, v| {
+                if self.budget == 0 {
+                    return false;
+                }
+                self.budget -= 1;
+                let mark = self.packer.mark();
+                let packer = &mut *self.packer;
+                let key = convert::key_with(self.ruby, k, |s| {
+                    let kept = short(s) && !(skip_targeting_key && s == TARGETING_KEY);
+                    if kept {
+                        packer.key(s);
+                    }
+                    kept
+                });
+                if key != Ok(true) {
+                    return true;
+                }
+                if self.value(v, depth) {
+                    count += 1;
+                } else {
+                    self.packer.truncate(mark);
+                }
+                true
+            });
+            self.leave();
+        }
+        self.packer.end(opened, count);
+    }
+
+    fn array(&mut self, a: RArray, depth: usize) {
+        let opened = self.packer.begin_list();
+        let mut count = 0u32;
+        if self.enter(a.as_value()) {
+            // Re-read the length each time: nothing here runs Ruby code,
+            // but the bound stays right whatever the Array does.
+            while (count as usize) < a.len() && self.budget > 0 {
+                self.budget -= 1;
+                let Ok(v) = a.entry::<Value>(count as isize) else {
+                    break;
+                };
+                // A skipped value keeps its position: the others keep their index.
+                if !self.value(v, depth) {
+                    self.packer.skipped();
+                }
+                count += 1;
+            }
+            self.leave();
+        }
+        self.packer.end(opened, count);
+    }
+
+    /// Packs the value at `depth` (its parent's depth + 1 is where its own
+    /// children would be); false, with nothing written, when not kept.
+    fn value(&mut self, v: Value, depth: usize) -> bool {
         let ruby = self.ruby;
-        if v.as_raw() == ruby.qtrue().as_raw() {
-            return Ok(Some(Captured::Bool(true)));
+        if v.as_raw() == ruby.qtrue().as_raw() || v.as_raw() == ruby.qfalse().as_raw() {
+            self.packer.bool(v.as_raw() == ruby.qtrue().as_raw());
+            return true;
         }
-        if v.as_raw() == ruby.qfalse().as_raw() {
-            return Ok(Some(Captured::Bool(false)));
+        if let Some(i) = convert::fixnum(v) {
+            self.packer.int(i);
+            return true;
         }
         if let Some(i) = Integer::from_value(v) {
-            return Ok(i.to_i64().ok().map(Captured::Int));
+            return match i.to_i64() {
+                Ok(i) => {
+                    self.packer.int(i);
+                    true
+                }
+                Err(_) => false,
+            };
         }
         if let Some(f) = Float::from_value(v) {
             let f = f.to_f64();
-            return Ok(f.is_finite().then_some(Captured::Float(f)));
+            if f.is_finite() {
+                self.packer.float(f);
+            }
+            return f.is_finite();
         }
         if RString::from_value(v).is_some() || Symbol::from_value(v).is_some() {
-            return Ok(short_text(ruby, v).map(Captured::Str));
+            return self.text(v);
         }
         if depth >= MAX_DEPTH {
-            return Ok(None);
+            return false;
         }
         if let Some(h) = RHash::from_value(v) {
-            return Ok(Some(Captured::Map(self.hash(h, depth + 1, false)?)));
+            self.hash(h, depth + 1, false);
+            return true;
         }
         if let Some(a) = RArray::from_value(v) {
-            return Ok(Some(Captured::List(self.array(a, depth + 1)?)));
+            self.array(a, depth + 1);
+            return true;
         }
-        Ok(None)
+        false
     }
 }
 
@@ -203,29 +248,17 @@ impl FlagEvaluations {
         else {
             return Err(errors::argument(ruby, "_record takes 10 arguments"));
         };
-        let flag = opt_text(ruby, flag, "flag")?
-            .ok_or_else(|| errors::argument(ruby, "flag must be a String (got nil)"))?;
-        let targeting_key = match Integer::from_value(targeting_key) {
-            Some(i) => Some(i.to_string()),
-            None => opt_text(ruby, targeting_key, "targeting_key")?,
-        };
+        if flag.is_nil() {
+            return Err(errors::argument(ruby, "flag must be a String (got nil)"));
+        }
         let full_data = full_data.as_raw() == ruby.qtrue().as_raw();
         let context = if context.is_nil() {
-            Vec::new()
+            None
         } else {
-            let h = RHash::from_value(context)
-                .ok_or_else(|| errors::argument(ruby, "context must be a Hash or nil"))?;
-            if full_data {
-                let mut capture = Capture {
-                    ruby,
-                    budget: MAX_CAPTURED_NODES,
-                    ancestors: Vec::new(),
-                };
-                capture.hash(h, 0, from_hook.to_bool())?
-            } else {
-                // Without consent no context is kept: not even walked.
-                Vec::new()
-            }
+            Some(
+                RHash::from_value(context)
+                    .ok_or_else(|| errors::argument(ruby, "context must be a Hash or nil"))?,
+            )
         };
         let timestamp_ms = if timestamp_ms.is_nil() {
             now_ms()
@@ -251,18 +284,36 @@ impl FlagEvaluations {
                 }
             }
         };
-        let e = Evaluation {
-            flag,
-            variant: opt_text(ruby, variant, "variant")?,
-            allocation: opt_text(ruby, allocation, "allocation")?,
-            targeting_key,
-            context,
-            error_code: opt_text(ruby, error_code, "error_code")?,
-            error_message: opt_text(ruby, error_message, "error_message")?,
-            timestamp_ms,
-            full_data,
-        };
-        Ok(inner.record(e))
+        // One buffer for every text and the context (see `flags::packed`),
+        // in its fixed order.
+        let mut p = Packer::new();
+        put_text(ruby, &mut p, flag, "flag")?;
+        put_text(ruby, &mut p, variant, "variant")?;
+        put_text(ruby, &mut p, allocation, "allocation")?;
+        match Integer::from_value(targeting_key) {
+            Some(i) => p.text(&i.to_string()),
+            None => put_text(ruby, &mut p, targeting_key, "targeting_key")?,
+        }
+        put_text(ruby, &mut p, error_code, "error_code")?;
+        put_text(ruby, &mut p, error_message, "error_message")?;
+        match context {
+            // Without consent no context is kept: not even walked.
+            Some(h) if full_data => {
+                let mut capture = Capture {
+                    ruby,
+                    packer: &mut p,
+                    budget: MAX_CAPTURED_NODES,
+                    ancestors: [0; MAX_DEPTH + 1],
+                    depth: 0,
+                };
+                capture.hash(h, 0, from_hook.to_bool());
+            }
+            _ => {
+                let empty = p.begin_map();
+                p.end(empty, 0);
+            }
+        }
+        Ok(inner.record(p.finish(timestamp_ms, full_data)))
     }
 
     /// Counts a failure of the OpenFeature hook (logged once).
@@ -279,14 +330,8 @@ impl FlagEvaluations {
         let Some(inner) = &rb_self.inner else {
             return Ok(true);
         };
-        if !(timeout.is_finite() && timeout >= 0.0) {
-            return Err(errors::argument(
-                ruby,
-                "timeout must be a non-negative number of seconds",
-            ));
-        }
+        let limit = errors::wait(ruby, timeout)?;
         let flushed = inner.flush();
-        let limit = Duration::from_secs_f64(timeout);
         Ok(matches!(
             gvl::run(ruby, move |_| async move {
                 tokio::time::timeout(limit, flushed).await.unwrap_or(false)

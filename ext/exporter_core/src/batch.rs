@@ -61,6 +61,10 @@ pub trait BatchSink<T>: Send + Sync + 'static {
     /// How long one attempt may take at most now (bounds `pause`).
     fn attempt_timeout(&self) -> Duration;
 
+    /// Items dropped after they were accepted (evicted from a full buffer
+    /// by items put back), before the sink saw them settle.
+    fn discarded(&self, _items: &[T]) {}
+
     /// Forgets state inherited by a forked child.
     fn reset_in_child(&self) {}
 }
@@ -332,17 +336,19 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
         for (t, seq) in batch.into_iter().zip(seqs).rev() {
             q.push_front((*seq, t));
         }
-        let mut evicted = 0;
+        let mut gone = Vec::new();
         let mut last = 0;
         while q.len() > self.capacity {
-            if let Some((seq, _)) = q.pop_front() {
-                evicted += 1;
+            if let Some((seq, t)) = q.pop_front() {
+                gone.push(t);
                 last = seq;
             }
         }
         self.in_flight.store(0, Ordering::Release);
         drop(q);
+        let evicted = gone.len() as u64;
         if evicted > 0 {
+            self.sink.discarded(&gone);
             self.counters.dropped.fetch_add(evicted, Ordering::Relaxed);
             self.lost_max.fetch_max(last, Ordering::AcqRel);
             self.done.send_modify(|d| *d = (*d).max(last));
@@ -605,6 +611,7 @@ mod tests {
         steps: Mutex<VecDeque<Step>>,
         calls: AtomicUsize,
         delivered: Arc<Mutex<Vec<u32>>>,
+        discarded: Mutex<Vec<u32>>,
     }
 
     impl Scripted {
@@ -613,6 +620,7 @@ mod tests {
                 steps: Mutex::new(steps.iter().copied().collect()),
                 calls: AtomicUsize::new(0),
                 delivered: Arc::default(),
+                discarded: Mutex::default(),
             }
         }
     }
@@ -643,6 +651,10 @@ mod tests {
 
         fn attempt_timeout(&self) -> Duration {
             Duration::from_millis(100)
+        }
+
+        fn discarded(&self, items: &[u32]) {
+            self.discarded.lock().unwrap().extend_from_slice(items);
         }
     }
 
@@ -717,6 +729,9 @@ mod tests {
         assert!(adds_up(&s));
         let left: Vec<u32> = w.queue().iter().map(|(_, t)| *t).collect();
         assert_eq!(left, vec![3, 4, 5, 6, 7]);
+        // The sink is told which accepted items were dropped (exposures
+        // un-mark their dedup entries).
+        assert_eq!(*w.sink().discarded.lock().unwrap(), vec![0, 1, 2]);
     }
 
     #[test]

@@ -5,6 +5,15 @@
 //! exposure, not one per evaluation. [`Dedup`] is an LRU keyed by
 //! (flag, subject id) holding the last (allocation, variant) sent: the same
 //! assignment again is suppressed, a changed one goes out.
+//!
+//! A mark is pending until the agent answers: it is made when the event is
+//! queued (so a repeat is suppressed while the first is in flight) and
+//! stays only if the agent accepts the event. An event refused for good
+//! (a 4xx other than 408/429), alone over the payload cap, or evicted from
+//! a full buffer un-marks its entry ([`Dedup::forget`]): the next identical
+//! exposure is sent again. Un-marks are counted in [`UNMARKED`], which a
+//! sidecar listener passes on to its clients with every `Ack`, so a worker
+//! forgets its own marks too (see [`Dedup::sync`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +30,15 @@ use crate::http::{Client, Endpoint, UrlError};
 use crate::retry::RetryPolicy;
 use crate::span::AttributeValue;
 use tokio_util::sync::CancellationToken;
+
+/// Dedup entries un-marked in this process so far (events refused for
+/// good or dropped after being admitted). A listener sends it with every
+/// `Ack`; a change tells its clients to forget their own marks.
+pub static UNMARKED: AtomicU64 = AtomicU64::new(0);
+
+/// The listener's [`UNMARKED`] as last seen by this process (a sidecar
+/// client); 0 elsewhere.
+pub static LISTENER_UNMARKED: AtomicU64 = AtomicU64::new(0);
 
 /// The EVP proxy path for exposures.
 pub const EXPOSURES_PATH: &str = "/evp_proxy/v2/api/v2/exposures";
@@ -159,6 +177,8 @@ pub struct Dedup {
     slots: Vec<Slot>,
     newest: u32,
     oldest: u32,
+    /// The [`LISTENER_UNMARKED`] these marks were made under.
+    epoch: u64,
 }
 
 /// What [`Dedup::admit`] replaced, to undo it if the event is not queued.
@@ -176,6 +196,7 @@ impl Dedup {
             slots: Vec::new(),
             newest: NIL,
             oldest: NIL,
+            epoch: 0,
         }
     }
 
@@ -273,27 +294,55 @@ impl Dedup {
         };
         match a.previous {
             Some(prev) => self.slots[i as usize].value = prev,
-            None => {
-                self.unlink(i);
-                self.index.remove(&a.key);
-                // Keeps the slab dense: the last slot moves into the hole.
-                let last = (self.slots.len() - 1) as u32;
-                if i != last {
-                    let moved = self.slots[last as usize];
-                    self.slots[i as usize] = moved;
-                    match moved.newer {
-                        NIL => self.newest = i,
-                        n => self.slots[n as usize].older = i,
-                    }
-                    match moved.older {
-                        NIL => self.oldest = i,
-                        o => self.slots[o as usize].newer = i,
-                    }
-                    self.index.insert(moved.key, i);
-                }
-                self.slots.pop();
-            }
+            None => self.remove(i),
         }
+    }
+
+    /// Un-marks `k` (its event was refused for good or dropped) if the
+    /// entry still holds that assignment: the next identical exposure is
+    /// sent again. A newer assignment for the same key is left alone.
+    /// Returns whether an entry was removed.
+    pub fn forget(&mut self, k: DedupKey) -> bool {
+        match self.index.get(&k.key) {
+            Some(&i) if self.slots[i as usize].value == k.value => {
+                self.remove(i);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets every mark when the listener's count of un-marks moved
+    /// since the marks were made: some event this process handed over may
+    /// have been refused, and its repeat must reach the listener again
+    /// (whose own LRU still suppresses the others).
+    pub fn sync(&mut self, listener_unmarked: u64) {
+        if listener_unmarked != self.epoch {
+            self.clear();
+            self.epoch = listener_unmarked;
+        }
+    }
+
+    /// Removes slot `i`, keeping the slab dense (the last slot moves into
+    /// the hole) and the recency order intact.
+    fn remove(&mut self, i: u32) {
+        self.unlink(i);
+        self.index.remove(&self.slots[i as usize].key);
+        let last = (self.slots.len() - 1) as u32;
+        if i != last {
+            let moved = self.slots[last as usize];
+            self.slots[i as usize] = moved;
+            match moved.newer {
+                NIL => self.newest = i,
+                n => self.slots[n as usize].older = i,
+            }
+            match moved.older {
+                NIL => self.oldest = i,
+                o => self.slots[o as usize].newer = i,
+            }
+            self.index.insert(moved.key, i);
+        }
+        self.slots.pop();
     }
 }
 
@@ -362,22 +411,22 @@ impl Serialize for Context {
     }
 }
 
+/// Request bodies, each with how many exposures it holds and the index
+/// just past its last one.
+pub type Bodies = Vec<(Vec<u8>, usize, usize)>;
+
 /// JSON bodies `{"context":{..},"exposures":[..]}`, each at most `cap`
 /// bytes, with how many exposures each holds and the index in `events`
-/// just past its last one; plus the exposures that alone exceed the cap
-/// (dropped).
-pub fn encode(
-    context: &Context,
-    events: &[Exposure],
-    cap: usize,
-) -> (Vec<(Vec<u8>, usize, usize)>, usize) {
+/// just past its last one; plus the indices of the exposures that alone
+/// exceed the cap (dropped).
+pub fn encode(context: &Context, events: &[Exposure], cap: usize) -> (Bodies, Vec<usize>) {
     let mut head = b"{\"context\":".to_vec();
     // Serialising strings and numbers cannot fail.
     let _ = serde_json::to_writer(&mut head, context);
     head.extend_from_slice(b",\"exposures\":[");
     const TAIL: &[u8] = b"]}";
     let mut out = Vec::new();
-    let mut oversized = 0;
+    let mut oversized = Vec::new();
     let mut body = head.clone();
     let mut count = 0;
     for (i, e) in events.iter().enumerate() {
@@ -402,7 +451,7 @@ pub fn encode(
             }
             body.truncate(head.len());
         }
-        oversized += 1;
+        oversized.push(i);
     }
     if count > 0 {
         body.extend_from_slice(TAIL);
@@ -417,6 +466,9 @@ pub struct ExposureCounters {
     pub recorded: AtomicU64,
     pub deduplicated: AtomicU64,
     pub attributes_dropped: AtomicU64,
+    /// Dedup entries un-marked because their event was refused for good
+    /// or dropped (see the module doc).
+    pub unmarked: AtomicU64,
 }
 
 /// Sends exposures through the agent's EVP proxy.
@@ -469,6 +521,21 @@ impl EvpSink {
     pub fn dedup(&self) -> MutexGuard<'_, Dedup> {
         self.dedup.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Un-marks the dedup entries of `events` (refused for good or
+    /// dropped), counted here and in [`UNMARKED`].
+    pub fn forget<'a>(&self, events: impl IntoIterator<Item = &'a Exposure>) {
+        let mut dedup = self.dedup();
+        let n = events
+            .into_iter()
+            .filter(|e| dedup.forget(DedupKey::of(e)))
+            .count() as u64;
+        drop(dedup);
+        if n > 0 {
+            self.counters.unmarked.fetch_add(n, Ordering::Relaxed);
+            UNMARKED.fetch_add(n, Ordering::AcqRel);
+        }
+    }
 }
 
 impl BatchSink<Exposure> for EvpSink {
@@ -480,11 +547,12 @@ impl BatchSink<Exposure> for EvpSink {
     ) -> SendReport {
         let deadline = Instant::now() + self.deadline;
         let (bodies, oversized) = encode(&self.context, batch, self.max_payload);
+        self.forget(oversized.iter().map(|&i| &batch[i]));
         let mut report = SendReport {
-            oversized_traces: oversized,
+            oversized_traces: oversized.len(),
             ..Default::default()
         };
-        if oversized > 0 {
+        if !oversized.is_empty() {
             report.note_error(format!(
                 "exposure(s) dropped: each alone exceeds the {} byte payload limit",
                 self.max_payload
@@ -521,6 +589,9 @@ impl BatchSink<Exposure> for EvpSink {
                     break;
                 }
                 Err(u) => {
+                    // Refused for good: the next identical exposure is
+                    // sent again.
+                    self.forget(&batch[start..end]);
                     report.failed_traces += count;
                     if u.maybe_arrived {
                         report.timed_out_traces += count;
@@ -537,12 +608,17 @@ impl BatchSink<Exposure> for EvpSink {
         self.client.attempt_timeout(self.timeout)
     }
 
+    fn discarded(&self, items: &[Exposure]) {
+        self.forget(items);
+    }
+
     fn reset_in_child(&self) {
         self.dedup().clear();
         for c in [
             &self.counters.recorded,
             &self.counters.deduplicated,
             &self.counters.attributes_dropped,
+            &self.counters.unmarked,
         ] {
             c.store(0, Ordering::Release);
         }
@@ -568,7 +644,11 @@ pub fn record(worker: &Arc<ExposureWorker>, e: Exposure, attributes_dropped: u64
 pub fn admit(worker: &Arc<ExposureWorker>, key: DedupKey) -> Option<Admitted> {
     let c = &worker.sink().counters;
     c.recorded.fetch_add(1, Ordering::Relaxed);
-    let admitted = worker.sink().dedup().admit_key(key);
+    let admitted = {
+        let mut dedup = worker.sink().dedup();
+        dedup.sync(LISTENER_UNMARKED.load(Ordering::Acquire));
+        dedup.admit_key(key)
+    };
     if admitted.is_none() {
         c.deduplicated.fetch_add(1, Ordering::Relaxed);
     }
@@ -685,6 +765,121 @@ mod tests {
     }
 
     #[test]
+    fn forget_unmarks_only_the_assignment_it_names() {
+        let mut d = Dedup::new(10);
+        let a = exp("f", "u", "al", "A");
+        let b = exp("f", "u", "al", "B");
+        d.admit(&a);
+        d.admit(&exp("f", "other", "al", "A"));
+        // A newer assignment for the key is left alone.
+        assert!(!d.forget(DedupKey::of(&b)));
+        assert!(d.admit(&a).is_none());
+        assert!(d.forget(DedupKey::of(&a)));
+        assert!(!d.forget(DedupKey::of(&a)));
+        assert_eq!(d.len(), 1);
+        assert!(d.admit(&a).is_some(), "un-marked: sent again");
+        assert!(d.admit(&exp("f", "other", "al", "A")).is_none());
+    }
+
+    #[test]
+    fn sync_forgets_every_mark_when_the_listener_unmarked_more() {
+        let mut d = Dedup::new(10);
+        let a = exp("f", "u", "al", "A");
+        d.sync(0);
+        d.admit(&a);
+        d.sync(0);
+        assert!(d.admit(&a).is_none());
+        d.sync(3);
+        assert!(d.is_empty());
+        assert!(d.admit(&a).is_some());
+        d.sync(3);
+        assert!(d.admit(&a).is_none());
+    }
+
+    fn evp_worker(url: &str, capacity: usize) -> Arc<ExposureWorker> {
+        let sink = EvpSink::new(url, Context::default(), Duration::from_secs(2), 100).unwrap();
+        Arc::new(BatchWorker::new(
+            crate::sidecar::sink::Sidecar::new(sink),
+            capacity,
+            FLUSH_AT,
+            Duration::from_secs(3600),
+            "test exposures",
+        ))
+    }
+
+    fn flush(h: &tokio::runtime::Handle, w: &Arc<ExposureWorker>) -> bool {
+        let f = w.flush();
+        h.block_on(async { tokio::time::timeout(Duration::from_secs(10), f).await })
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn an_exposure_refused_for_good_is_sent_again_an_accepted_one_is_not() {
+        let _g = crate::runtime::tests::LIFECYCLE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (h, _) = crate::runtime::handle().unwrap();
+        let (url, bodies) = h.block_on(crate::test_http::server(vec![400, 202]));
+        let w = evp_worker(&url, 100);
+        crate::worker::register(&w).unwrap();
+        let x = exp("f", "u", "al", "A");
+        let unmarked_before = UNMARKED.load(Ordering::SeqCst);
+        assert!(record(&w, x.clone(), 0));
+        // In flight (queued, not answered): a repeat is suppressed.
+        assert!(!record(&w, x.clone(), 0));
+        assert!(!flush(&h, &w), "the agent refused it");
+        assert_eq!(w.sink().counters.unmarked.load(Ordering::SeqCst), 1);
+        assert!(UNMARKED.load(Ordering::SeqCst) > unmarked_before);
+        assert!(record(&w, x.clone(), 0), "un-marked: sent again");
+        assert!(flush(&h, &w));
+        assert!(!record(&w, x.clone(), 0), "accepted: deduplicated");
+        let s = w.stats();
+        assert_eq!((s.sent, s.failed, s.queued), (1, 1, 0));
+        assert_eq!(w.sink().counters.deduplicated.load(Ordering::SeqCst), 2);
+        let sent: Vec<serde_json::Value> = bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .collect();
+        assert_eq!(sent.len(), 2);
+        for b in &sent {
+            assert_eq!(b["exposures"][0]["subject"]["id"], "u");
+        }
+        w.stop();
+    }
+
+    #[test]
+    fn an_exposure_too_large_to_send_is_unmarked() {
+        let _g = crate::runtime::tests::LIFECYCLE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (h, _) = crate::runtime::handle().unwrap();
+        let (url, bodies) = h.block_on(crate::test_http::server(vec![202]));
+        let sink = EvpSink::new(&url, Context::default(), Duration::from_secs(2), 100)
+            .unwrap()
+            .with_max_payload(300);
+        let w = Arc::new(BatchWorker::new(
+            crate::sidecar::sink::Sidecar::new(sink),
+            100,
+            FLUSH_AT,
+            Duration::from_secs(3600),
+            "test exposures",
+        ));
+        crate::worker::register(&w).unwrap();
+        let big = exp("f", &"x".repeat(400), "al", "A");
+        let small = exp("f", "u", "al", "A");
+        assert!(record(&w, big.clone(), 0));
+        assert!(record(&w, small.clone(), 0));
+        assert!(!flush(&h, &w), "one was dropped");
+        assert_eq!(w.sink().counters.unmarked.load(Ordering::SeqCst), 1);
+        assert!(record(&w, big, 0), "dropped: not marked");
+        assert!(!record(&w, small, 0), "sent: marked");
+        assert_eq!(bodies.lock().unwrap().len(), 1);
+        w.stop();
+    }
+
+    #[test]
     fn lru_matches_a_model_over_random_operations() {
         // A Vec-based model (most recent last) against the slab LRU.
         let mut d = Dedup::new(8);
@@ -758,7 +953,7 @@ mod tests {
             version: "1.0".into(),
         };
         let (bodies, oversized) = encode(&ctx, &[e], MAX_PAYLOAD);
-        assert_eq!(oversized, 0);
+        assert!(oversized.is_empty());
         let v: serde_json::Value = serde_json::from_slice(&bodies[0].0).unwrap();
         assert_eq!(
             v,
@@ -783,7 +978,7 @@ mod tests {
             .collect();
         events[50].subject_id = "x".repeat(5_000);
         let (bodies, oversized) = encode(&ctx, &events, 2_000);
-        assert_eq!(oversized, 1);
+        assert_eq!(oversized, [50]);
         let mut ids = Vec::new();
         for (body, count, _) in &bodies {
             assert!(body.len() <= 2_000);

@@ -22,4 +22,6 @@ pub mod runtime;
 pub mod sidecar;
 pub mod span;
 pub mod split;
+#[cfg(test)]
+pub mod test_http;
 pub mod worker;

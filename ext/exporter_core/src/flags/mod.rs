@@ -12,6 +12,7 @@
 pub mod aggregate;
 pub mod context;
 pub mod encode;
+pub mod packed;
 pub mod worker;
 
 /// The EVP proxy path for evaluation counts (singular).

@@ -34,8 +34,9 @@ use tokio::runtime::Handle;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::aggregate::{Aggregate, Counts, Evaluation, Landed, Row, RowKey, Tier};
+use super::aggregate::{Aggregate, Counts, Landed, Row, RowKey, Tier};
 use super::encode::{head, next_body};
+use super::packed::Packed;
 use super::FLAG_EVALUATIONS_PATH;
 use crate::agent::{Post, SendReport};
 use crate::exposures::Context;
@@ -133,7 +134,7 @@ pub struct EvaluationWorker {
     flush_interval: Duration,
     capacity: usize,
     wake_at: usize,
-    queue: Mutex<Vec<Evaluation>>,
+    queue: Mutex<Vec<Packed>>,
     aggregate: Mutex<Aggregate>,
     counters: Counters,
     flushes: Flushes,
@@ -188,7 +189,7 @@ impl EvaluationWorker {
         })
     }
 
-    fn queue(&self) -> MutexGuard<'_, Vec<Evaluation>> {
+    fn queue(&self) -> MutexGuard<'_, Vec<Packed>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -202,7 +203,7 @@ impl EvaluationWorker {
 
     /// Queues an evaluation: false when it was dropped (queue full, or
     /// stopped), counted either way.
-    pub fn record(&self, e: Evaluation) -> bool {
+    pub fn record(&self, e: Packed) -> bool {
         let c = &self.counters;
         c.recorded.fetch_add(1, Ordering::Relaxed);
         let mut q = self.queue();
@@ -314,9 +315,19 @@ impl EvaluationWorker {
         let mut done = 0u64;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let mut agg = self.aggregate();
-            for e in batch.drain(..) {
-                let (key, at) = RowKey::of(e);
-                self.land(&mut agg, key, Counts::one(at), Tier::Full, false);
+            for packed in batch.drain(..) {
+                match packed.unpack() {
+                    Ok(e) => {
+                        let (key, at) = RowKey::of(e);
+                        self.land(&mut agg, key, Counts::one(at), Tier::Full, false);
+                    }
+                    Err(bad) => {
+                        // A bug (our packer wrote it): counted, logged once.
+                        self.counters.held.fetch_sub(1, Ordering::AcqRel);
+                        self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                        self.log.outcome(Some(&bad.to_string()));
+                    }
+                }
                 done += 1;
             }
         }));
@@ -362,11 +373,7 @@ impl EvaluationWorker {
         c.panics.fetch_add(1, Ordering::Relaxed);
         c.held.fetch_sub(held, Ordering::AcqRel);
         c.failed.fetch_add(held, Ordering::Relaxed);
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown".into());
+        let what = crate::log::panic_message(&*panic);
         self.log
             .outcome(Some(&format!("worker panicked (recovered): {what}")));
     }
@@ -592,7 +599,7 @@ impl InFlight<'_> {
 impl InFlight<'_> {
     /// Hands the rows over to the sidecar listener, a frame at a time;
     /// each acknowledged row is settled as sent. What is left is sent
-    /// direct by the caller (counted in the sidecar's `sent_direct`).
+    /// direct by the caller (counted in the sidecar's `evaluations_direct`).
     fn hand_over(&mut self, client: &crate::sidecar::client::Client) {
         use crate::sidecar::{wire, COUNTERS};
         let w = self.worker;
@@ -613,14 +620,18 @@ impl InFlight<'_> {
             }
             .encode();
             if client.handover(wire::Kind::Evaluations, &frame).is_err() {
-                COUNTERS.fallbacks.fetch_add(1, Ordering::Relaxed);
+                COUNTERS.fallback_batches.fetch_add(1, Ordering::Relaxed);
                 let left: u64 = self.rows[start..].iter().map(|r| r.counts.count).sum();
-                COUNTERS.sent_direct.fetch_add(left, Ordering::Relaxed);
+                COUNTERS
+                    .evaluations_direct
+                    .fetch_add(left, Ordering::Relaxed);
                 return;
             }
             for j in start..i {
                 let n = self.rows[j].counts.count;
-                COUNTERS.handed_over.fetch_add(n, Ordering::Relaxed);
+                COUNTERS
+                    .evaluations_handed_over
+                    .fetch_add(n, Ordering::Relaxed);
                 self.settle(j, &w.counters.sent);
             }
         }
@@ -724,63 +735,11 @@ impl Worker for EvaluationWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flags::aggregate::Evaluation;
     use crate::runtime;
+    use crate::test_http::server;
     use std::pin::Pin;
     use std::task::{Context as TaskContext, Poll};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    /// A minimal HTTP server answering each request with the next status
-    /// of `statuses` (the last one repeats) and keeping request bodies.
-    async fn server(statuses: Vec<u16>) -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let bodies = Arc::new(Mutex::new(Vec::new()));
-        let kept = bodies.clone();
-        tokio::spawn(async move {
-            let n = Arc::new(AtomicU64::new(0));
-            loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let (bodies, n, statuses) = (kept.clone(), n.clone(), statuses.clone());
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        let mut chunk = [0u8; 65536];
-                        let Ok(r) = sock.read(&mut chunk).await else {
-                            return;
-                        };
-                        if r == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..r]);
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-                            let len: usize = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .map(|v| v.trim().parse().unwrap())
-                                .unwrap_or(0);
-                            if buf.len() < end + 4 + len {
-                                break;
-                            }
-                            let body = buf[end + 4..end + 4 + len].to_vec();
-                            buf.drain(..end + 4 + len);
-                            bodies.lock().unwrap().push(body);
-                            let i = n.fetch_add(1, Ordering::SeqCst) as usize;
-                            let status = statuses[i.min(statuses.len() - 1)];
-                            let resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
-                            if sock.write_all(resp.as_bytes()).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        (url, bodies)
-    }
 
     fn worker(url: &str) -> Arc<EvaluationWorker> {
         let w = EvaluationWorker::new(Config {
@@ -803,14 +762,14 @@ mod tests {
         Arc::new(w)
     }
 
-    fn eval(tk: &str) -> Evaluation {
-        Evaluation {
+    fn eval(tk: &str) -> Packed {
+        Packed::from(&Evaluation {
             flag: "f".into(),
             variant: Some("on".into()),
             targeting_key: Some(tk.into()),
             timestamp_ms: 1_760_000_000_000,
             ..Default::default()
-        }
+        })
     }
 
     fn flush(h: &Handle, w: &Arc<EvaluationWorker>) -> bool {

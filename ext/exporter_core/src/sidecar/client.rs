@@ -142,14 +142,14 @@ impl Client {
         let result = self.handover_locked(&mut c, kind, payload);
         match &result {
             Ok(()) => {
-                COUNTERS.acknowledged.fetch_add(1, Ordering::Relaxed);
+                COUNTERS.frames_acknowledged.fetch_add(1, Ordering::Relaxed);
                 self.log.outcome(None);
             }
             Err(e) => {
                 match e {
-                    HandoverError::Nack(_) => &COUNTERS.nacked,
-                    HandoverError::Timeout => &COUNTERS.timeouts,
-                    _ => &COUNTERS.handover_errors,
+                    HandoverError::Nack(_) => &COUNTERS.frames_nacked,
+                    HandoverError::Timeout => &COUNTERS.frames_timed_out,
+                    _ => &COUNTERS.frames_failed,
                 }
                 .fetch_add(1, Ordering::Relaxed);
                 // Only fatal errors mark the connection broken; the rest
@@ -166,7 +166,7 @@ impl Client {
                 }
                 if !matches!(e, HandoverError::Broken(_)) {
                     self.log.outcome(Some(&format!(
-                        "{e}; sending direct (counted in sent_direct)"
+                        "{e}; sending direct (counted in the sidecar's *_direct)"
                     )));
                 }
             }
@@ -240,7 +240,17 @@ fn exchange_on(
             return Err(HandoverError::Protocol(WireError::Malformed("reply seq")));
         }
         return match reply.kind {
-            Kind::Ack => Ok(reply.payload),
+            Kind::Ack => {
+                // Exposures the listener un-marked: this process forgets
+                // its own marks at its next record. (A status reply is
+                // JSON, never this count.)
+                if kind != Kind::Status {
+                    if let Some(n) = wire::ack_unmarked(&reply.payload) {
+                        crate::exposures::LISTENER_UNMARKED.store(n, Ordering::Release);
+                    }
+                }
+                Ok(reply.payload)
+            }
             Kind::Nack => Err(HandoverError::Nack(
                 String::from_utf8_lossy(&reply.payload).into_owned(),
             )),

@@ -292,14 +292,15 @@ impl Listener {
                 n.exposures_received.load(Ordering::Relaxed),
             ),
             ("exposures_deduplicated", self.exposures_deduplicated()),
+            ("exposures_unmarked", self.exposures_unmarked()),
             (
                 "evaluations_received",
                 n.evaluations_received.load(Ordering::Relaxed),
             ),
-            ("bodies_pending", bodies),
+            ("trace_bodies_pending", bodies),
             ("exposures_pending", exposures),
             ("evaluations_pending", evaluations),
-            ("bytes_held", self.held_bytes()),
+            ("trace_bytes_held", self.held_bytes()),
         ]
     }
 
@@ -525,7 +526,13 @@ impl Listener {
             match answer {
                 Answer::Ack => {
                     self.counters.acked.fetch_add(1, Ordering::Relaxed);
-                    wire::encode_frame(&mut st.outbuf, Kind::Ack, frame.seq, b"");
+                    let unmarked = exposures::UNMARKED.load(Ordering::Acquire);
+                    wire::encode_frame(
+                        &mut st.outbuf,
+                        Kind::Ack,
+                        frame.seq,
+                        &wire::ack_payload(unmarked),
+                    );
                 }
                 Answer::Reply(payload) => {
                     wire::encode_frame(&mut st.outbuf, Kind::Ack, frame.seq, &payload);
@@ -782,6 +789,16 @@ impl Listener {
             .sum()
     }
 
+    /// Exposure dedup entries the listener un-marked (their event refused
+    /// for good or dropped: the next identical one is sent again).
+    pub fn exposures_unmarked(&self) -> u64 {
+        self.routes()
+            .exposures
+            .iter()
+            .map(|(_, w)| w.sink().counters.unmarked.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// In a forked child: close every inherited connection (they belong to
     /// the parent) and stop the senders; this listener serves nothing
     /// again.
@@ -941,6 +958,86 @@ mod tests {
         assert_eq!(l.held_bytes(), before);
         l.retire();
         wait_for(|| l.held_bytes() == 0 || l.pending().0 == 2);
+    }
+
+    fn exposures_frame(url: &str, subject: &str) -> Vec<u8> {
+        wire::Exposures {
+            route: EvpRoute::new(url, &exposures::Context::default()),
+            events: vec![exposures::Exposure {
+                timestamp_ms: 1_700_000_000_000,
+                flag: "f".into(),
+                allocation: "a".into(),
+                variant: "on".into(),
+                subject_id: subject.into(),
+                attributes: vec![],
+            }],
+        }
+        .encode()
+    }
+
+    fn flush_listener(l: &Listener) -> bool {
+        let (h, _) = runtime::handle().unwrap();
+        let f = l.flush();
+        h.block_on(async { tokio::time::timeout(Duration::from_secs(10), f).await })
+            .unwrap_or(false)
+    }
+
+    /// The shared dedup marks an exposure only once the agent accepted
+    /// it: refused for good, it is un-marked (and the count reaches the
+    /// clients in the next Ack); while it waits, repeats from other
+    /// workers are suppressed.
+    #[test]
+    fn an_exposure_the_agent_refused_is_unmarked_and_sent_again() {
+        let _g = runtime::tests::LIFECYCLE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (h, _) = runtime::handle().unwrap();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (url, bodies) = h.block_on(crate::test_http::gated(vec![400, 202], gate.clone()));
+        let l = listener(Limits::default());
+        let (a1, b1) = UnixStream::pair().unwrap();
+        let (a2, b2) = UnixStream::pair().unwrap();
+        l.adopt(a1);
+        l.adopt(a2);
+        let (w1, w2) = (Client::new(b1, "0.1.0"), Client::new(b2, "0.1.0"));
+        // Two workers hand over the same exposure while the agent has not
+        // answered the first: one event, the other deduplicated.
+        assert!(w1
+            .handover(Kind::Exposures, &exposures_frame(&url, "u"))
+            .is_ok());
+        assert!(w2
+            .handover(Kind::Exposures, &exposures_frame(&url, "u"))
+            .is_ok());
+        assert_eq!(l.exposures_deduplicated(), 1);
+        assert_eq!(l.exposures_unmarked(), 0, "pending, not un-marked");
+        gate.add_permits(100);
+        assert!(!flush_listener(&l), "the agent answered 400");
+        assert_eq!(l.exposures_unmarked(), 1);
+        // The next Ack carries the count: the client forgets its marks.
+        let unmarked = exposures::UNMARKED.load(Ordering::SeqCst);
+        let seen_by_listener = exposures::LISTENER_UNMARKED.load(Ordering::SeqCst);
+        assert_ne!(seen_by_listener, unmarked);
+        assert!(w2
+            .handover(Kind::Exposures, &exposures_frame(&url, "u"))
+            .is_ok());
+        assert_eq!(
+            exposures::LISTENER_UNMARKED.load(Ordering::SeqCst),
+            unmarked
+        );
+        // This test process is both sides; a listener's process is never
+        // a client, so its own marks never follow this count.
+        exposures::LISTENER_UNMARKED.store(seen_by_listener, Ordering::SeqCst);
+        // Un-marked: this one is sent, and accepted.
+        assert!(flush_listener(&l));
+        assert!(w1
+            .handover(Kind::Exposures, &exposures_frame(&url, "u"))
+            .is_ok());
+        assert!(flush_listener(&l));
+        assert_eq!(l.exposures_deduplicated(), 2);
+        assert_eq!(l.exposures_unmarked(), 1);
+        assert_eq!(l.counters.exposures_received.load(Ordering::SeqCst), 4);
+        assert_eq!(bodies.lock().unwrap().len(), 2, "sent, refused; sent again");
+        l.retire();
     }
 
     #[test]

@@ -84,35 +84,71 @@ pub enum Role {
     Client,
 }
 
-/// Counters of this process's client side (they add up per item:
-/// `handed_over` + `sent_direct` is what went one way or the other).
+/// Counters of this process's client side. Per kind, what was offered
+/// to the sidecar adds up: `*_handed_over + *_direct` (traces alone over
+/// the payload cap aside: dropped, in the writer's `dropped`). Items are
+/// traces, exposure events and flag evaluations (the sum of the rows'
+/// counts, as `FlagEvaluations#stats`), never bodies or bytes; `frames_*`
+/// count messages, `fallback_batches` batches.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Items (traces, exposures, evaluations) the listener acknowledged.
-    pub handed_over: AtomicU64,
+    /// Traces the listener acknowledged (it holds them).
+    pub traces_handed_over: AtomicU64,
+    /// Exposure events the listener acknowledged.
+    pub exposures_handed_over: AtomicU64,
+    /// Flag evaluations the listener acknowledged.
+    pub evaluations_handed_over: AtomicU64,
+    /// Traces the sidecar did not take, given to this process's own
+    /// sender (how they fared is in the writer's stats).
+    pub traces_direct: AtomicU64,
+    /// Exposure events the sidecar did not take, sent by this process.
+    pub exposures_direct: AtomicU64,
+    /// Flag evaluations the sidecar did not take, sent by this process.
+    pub evaluations_direct: AtomicU64,
     /// Frames acknowledged.
-    pub acknowledged: AtomicU64,
+    pub frames_acknowledged: AtomicU64,
     /// Frames refused by the listener (full, bad destination).
-    pub nacked: AtomicU64,
-    /// Handovers that got no answer in time.
-    pub timeouts: AtomicU64,
-    /// Handovers that failed otherwise (connection refused, closed, broken).
-    pub handover_errors: AtomicU64,
+    pub frames_nacked: AtomicU64,
+    /// Frames that got no answer in time.
+    pub frames_timed_out: AtomicU64,
+    /// Frames that failed otherwise (connection refused, closed, broken).
+    pub frames_failed: AtomicU64,
     /// Batches (or their rest) that fell back to the direct path.
-    pub fallbacks: AtomicU64,
-    /// Items sent direct because the sidecar did not take them.
-    pub sent_direct: AtomicU64,
+    pub fallback_batches: AtomicU64,
 }
 
 pub static COUNTERS: Counters = Counters {
-    handed_over: AtomicU64::new(0),
-    acknowledged: AtomicU64::new(0),
-    nacked: AtomicU64::new(0),
-    timeouts: AtomicU64::new(0),
-    handover_errors: AtomicU64::new(0),
-    fallbacks: AtomicU64::new(0),
-    sent_direct: AtomicU64::new(0),
+    traces_handed_over: AtomicU64::new(0),
+    exposures_handed_over: AtomicU64::new(0),
+    evaluations_handed_over: AtomicU64::new(0),
+    traces_direct: AtomicU64::new(0),
+    exposures_direct: AtomicU64::new(0),
+    evaluations_direct: AtomicU64::new(0),
+    frames_acknowledged: AtomicU64::new(0),
+    frames_nacked: AtomicU64::new(0),
+    frames_timed_out: AtomicU64::new(0),
+    frames_failed: AtomicU64::new(0),
+    fallback_batches: AtomicU64::new(0),
 };
+
+impl Counters {
+    /// Every counter with its name, in a stable order.
+    pub fn all(&self) -> [(&'static str, &AtomicU64); 11] {
+        [
+            ("traces_handed_over", &self.traces_handed_over),
+            ("exposures_handed_over", &self.exposures_handed_over),
+            ("evaluations_handed_over", &self.evaluations_handed_over),
+            ("traces_direct", &self.traces_direct),
+            ("exposures_direct", &self.exposures_direct),
+            ("evaluations_direct", &self.evaluations_direct),
+            ("frames_acknowledged", &self.frames_acknowledged),
+            ("frames_nacked", &self.frames_nacked),
+            ("frames_timed_out", &self.frames_timed_out),
+            ("frames_failed", &self.frames_failed),
+            ("fallback_batches", &self.fallback_batches),
+        ]
+    }
+}
 
 struct State {
     mode: Mode,
@@ -327,15 +363,7 @@ pub fn after_fork_child() {
     if was_sidecar {
         st.forked = true;
     }
-    for c in [
-        &COUNTERS.handed_over,
-        &COUNTERS.acknowledged,
-        &COUNTERS.nacked,
-        &COUNTERS.timeouts,
-        &COUNTERS.handover_errors,
-        &COUNTERS.fallbacks,
-        &COUNTERS.sent_direct,
-    ] {
+    for (_, c) in COUNTERS.all() {
         c.store(0, Ordering::Relaxed);
     }
 }
@@ -491,15 +519,13 @@ pub fn status() -> Status {
     let st = state();
     let c = &COUNTERS;
     let h = &subprocess::COUNTERS;
-    let mut counters = vec![
-        ("handed_over", c.handed_over.load(Ordering::Relaxed)),
-        ("acknowledged", c.acknowledged.load(Ordering::Relaxed)),
-        ("nacked", c.nacked.load(Ordering::Relaxed)),
-        ("timeouts", c.timeouts.load(Ordering::Relaxed)),
-        ("handover_errors", c.handover_errors.load(Ordering::Relaxed)),
-        ("fallbacks", c.fallbacks.load(Ordering::Relaxed)),
-        ("sent_direct", c.sent_direct.load(Ordering::Relaxed)),
-        ("socketpair_errors", st.pair_errors),
+    let mut counters: Vec<(&'static str, u64)> = c
+        .all()
+        .iter()
+        .map(|(k, v)| (*k, v.load(Ordering::Relaxed)))
+        .collect();
+    counters.push(("socketpair_errors", st.pair_errors));
+    counters.extend([
         ("helper_connects", h.connects.load(Ordering::Relaxed)),
         ("helper_starts", h.starts.load(Ordering::Relaxed)),
         (
@@ -507,7 +533,7 @@ pub fn status() -> Status {
             h.connect_errors.load(Ordering::Relaxed),
         ),
         ("helper_connections_lost", h.lost.load(Ordering::Relaxed)),
-    ];
+    ]);
     if let Some(l) = &st.listener {
         counters.extend(l.counter_list());
     } else {

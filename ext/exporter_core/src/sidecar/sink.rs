@@ -49,9 +49,6 @@ impl<S> std::ops::Deref for Sidecar<S> {
 
 /// Folds the report of the direct send of `batch[offset..]` into `report`.
 fn merge_direct(report: &mut SendReport, direct: SendReport, offset: usize) {
-    COUNTERS
-        .sent_direct
-        .fetch_add(direct.trace_count as u64, Ordering::Relaxed);
     report.trace_count += direct.trace_count;
     report.failed_traces += direct.failed_traces;
     report.oversized_traces += direct.oversized_traces;
@@ -100,12 +97,12 @@ fn hand_over_traces(client: &Client, e: &TraceExporter, batch: &[Trace]) -> (Sen
             }
             .encode();
             if client.handover(Kind::Traces, &frame).is_err() {
-                COUNTERS.fallbacks.fetch_add(1, Ordering::Relaxed);
+                COUNTERS.fallback_batches.fetch_add(1, Ordering::Relaxed);
                 break;
             }
             report.trace_count += count;
             COUNTERS
-                .handed_over
+                .traces_handed_over
                 .fetch_add(count as u64, Ordering::Relaxed);
         }
         if next.oversized_traces > 0 {
@@ -132,6 +129,9 @@ impl BatchSink<Trace> for Sidecar<Arc<TraceExporter>> {
         };
         let (mut report, offset) = client::blocking(|| hand_over_traces(&client, e, batch));
         if offset < batch.len() {
+            COUNTERS
+                .traces_direct
+                .fetch_add((batch.len() - offset) as u64, Ordering::Relaxed);
             let direct = TraceExporter::send(e, &batch[offset..], generation, Some(stop)).await;
             merge_direct(&mut report, direct, offset);
         }
@@ -172,17 +172,20 @@ impl BatchSink<Exposure> for Sidecar<EvpSink> {
                 }
                 .encode();
                 if client.handover(Kind::Exposures, &frame).is_err() {
-                    COUNTERS.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    COUNTERS.fallback_batches.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
                 report.trace_count += end - offset;
                 COUNTERS
-                    .handed_over
+                    .exposures_handed_over
                     .fetch_add((end - offset) as u64, Ordering::Relaxed);
                 offset = end;
             }
         });
         if offset < batch.len() {
+            COUNTERS
+                .exposures_direct
+                .fetch_add((batch.len() - offset) as u64, Ordering::Relaxed);
             let direct = self.inner.send(&batch[offset..], generation, stop).await;
             merge_direct(&mut report, direct, offset);
         }
@@ -191,6 +194,10 @@ impl BatchSink<Exposure> for Sidecar<EvpSink> {
 
     fn attempt_timeout(&self) -> Duration {
         self.inner.attempt_timeout() + HANDOVER_TIMEOUT
+    }
+
+    fn discarded(&self, items: &[Exposure]) {
+        self.inner.discarded(items);
     }
 
     fn reset_in_child(&self) {

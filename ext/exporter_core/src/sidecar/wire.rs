@@ -17,7 +17,9 @@
 //!    (and [`Kind::Status`], a request for the listener's counters);
 //!    the listener answers each with [`Kind::Ack`] (it now holds the
 //!    payload) or [`Kind::Nack`] (with a reason: full, refused) for the
-//!    same seq.
+//!    same seq. An `Ack`'s payload is empty or a u64: how many exposure
+//!    dedup entries the listener has un-marked so far (events the agent
+//!    refused for good or that were dropped; see [`ack_payload`]).
 //!
 //! Integers are little-endian; strings are u32 length + UTF-8. Anything
 //! malformed is a [`WireError`], and the side that met it closes that
@@ -281,6 +283,18 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
         },
         4 + len,
     )))
+}
+
+/// The payload of an `Ack`: the listener's count of un-marked exposure
+/// dedup entries ([`crate::exposures::UNMARKED`]).
+pub fn ack_payload(unmarked: u64) -> [u8; 8] {
+    unmarked.to_le_bytes()
+}
+
+/// The count an `Ack` carries, if any (an empty payload carries none).
+pub fn ack_unmarked(payload: &[u8]) -> Option<u64> {
+    let b: [u8; 8] = payload.try_into().ok()?;
+    Some(u64::from_le_bytes(b))
 }
 
 /// Where a trace body goes, and the headers it is sent with: bodies with
