@@ -12,7 +12,7 @@
 //! stream cannot be trusted). An `Ack` that does not come in time leaves
 //! the connection usable: a late one is recognised by its seq and skipped.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -75,6 +75,24 @@ struct Conn {
     state: State,
     seq: u64,
     inbuf: Vec<u8>,
+    /// The frame prefix (and any payload head) of the frame being
+    /// written, reused.
+    head: Vec<u8>,
+    /// A payload buffer kept between handovers ([`Client::take_spare`]).
+    spare: Vec<u8>,
+}
+
+impl Conn {
+    fn new(stream: Option<UnixStream>, state: State) -> Conn {
+        Conn {
+            stream,
+            state,
+            seq: 0,
+            inbuf: Vec::new(),
+            head: Vec::new(),
+            spare: Vec::new(),
+        }
+    }
 }
 
 /// A connection to a listener.
@@ -87,12 +105,7 @@ pub struct Client {
 impl Client {
     pub fn new(stream: UnixStream, gem_version: &str) -> Client {
         Client {
-            conn: Mutex::new(Conn {
-                stream: Some(stream),
-                state: State::Fresh,
-                seq: 0,
-                inbuf: Vec::new(),
-            }),
+            conn: Mutex::new(Conn::new(Some(stream), State::Fresh)),
             gem_version: gem_version.to_owned(),
             log: ProblemLog::new("sidecar client"),
         }
@@ -103,12 +116,7 @@ impl Client {
     /// uses it while no helper can be reached.
     pub fn unavailable(why: &str, gem_version: &str) -> Client {
         Client {
-            conn: Mutex::new(Conn {
-                stream: None,
-                state: State::Broken(why.to_owned()),
-                seq: 0,
-                inbuf: Vec::new(),
-            }),
+            conn: Mutex::new(Conn::new(None, State::Broken(why.to_owned()))),
             gem_version: gem_version.to_owned(),
             log: ProblemLog::new("sidecar client"),
         }
@@ -135,11 +143,24 @@ impl Client {
     /// acknowledged it (it holds it now). Blocks, bounded: call it from a
     /// flusher, through [`blocking`].
     pub fn handover(&self, kind: Kind, payload: &[u8]) -> Result<(), HandoverError> {
-        if wire::MAX_FRAME < payload.len() + 9 {
-            return Err(HandoverError::TooLarge(payload.len()));
+        self.handover_parts(kind, &[], payload)
+    }
+
+    /// As [`Client::handover`] with the payload `head` then `body`, both
+    /// written from where they are (one vectored write, no copy of the
+    /// body).
+    pub fn handover_parts(
+        &self,
+        kind: Kind,
+        head: &[u8],
+        body: &[u8],
+    ) -> Result<(), HandoverError> {
+        let len = head.len() + body.len();
+        if wire::MAX_FRAME < len + 9 {
+            return Err(HandoverError::TooLarge(len));
         }
         let mut c = self.conn();
-        let result = self.handover_locked(&mut c, kind, payload);
+        let result = self.handover_locked(&mut c, kind, head, body);
         match &result {
             Ok(()) => {
                 COUNTERS.frames_acknowledged.fetch_add(1, Ordering::Relaxed);
@@ -179,21 +200,43 @@ impl Client {
     /// counted as a handover.
     pub fn status(&self) -> Result<Vec<u8>, HandoverError> {
         let mut c = self.conn();
-        self.exchange(&mut c, Kind::Status, b"")
+        self.exchange(&mut c, Kind::Status, b"", b"")
+            .map(|p| p.to_vec())
+    }
+
+    /// A buffer to encode a payload into (the one given back last by
+    /// [`Client::keep_spare`], else an empty one).
+    pub fn take_spare(&self) -> Vec<u8> {
+        std::mem::take(&mut self.conn().spare)
+    }
+
+    /// Keeps `buf` for the next [`Client::take_spare`].
+    pub fn keep_spare(&self, buf: Vec<u8>) {
+        let mut c = self.conn();
+        if buf.capacity() > c.spare.capacity() && buf.capacity() <= wire::MAX_FRAME {
+            c.spare = buf;
+        }
     }
 
     fn handover_locked(
         &self,
         c: &mut Conn,
         kind: Kind,
-        payload: &[u8],
+        head: &[u8],
+        body: &[u8],
     ) -> Result<(), HandoverError> {
-        self.exchange(c, kind, payload).map(|_| ())
+        self.exchange(c, kind, head, body).map(|_| ())
     }
 
-    /// Sends one frame (greeting first if needed) and returns the payload
-    /// of the `Ack` for it.
-    fn exchange(&self, c: &mut Conn, kind: Kind, payload: &[u8]) -> Result<Vec<u8>, HandoverError> {
+    /// Sends one frame (greeting first if needed), its payload `head` then
+    /// `body`, and returns the payload of the `Ack` for it.
+    fn exchange(
+        &self,
+        c: &mut Conn,
+        kind: Kind,
+        head: &[u8],
+        body: &[u8],
+    ) -> Result<bytes::Bytes, HandoverError> {
         let deadline = Instant::now() + HANDOVER_TIMEOUT;
         if let State::Broken(why) = &c.state {
             return Err(HandoverError::Broken(why.clone()));
@@ -201,7 +244,14 @@ impl Client {
         let Some(mut stream) = c.stream.take() else {
             return Err(HandoverError::Broken("no connection".into()));
         };
-        let result = exchange_on(&mut stream, c, &self.gem_version, kind, payload, deadline);
+        let result = exchange_on(
+            &mut stream,
+            c,
+            &self.gem_version,
+            kind,
+            (head, body),
+            deadline,
+        );
         c.stream = Some(stream);
         result
     }
@@ -212,9 +262,9 @@ fn exchange_on(
     c: &mut Conn,
     gem_version: &str,
     kind: Kind,
-    payload: &[u8],
+    (head, body): (&[u8], &[u8]),
     deadline: Instant,
-) -> Result<Vec<u8>, HandoverError> {
+) -> Result<bytes::Bytes, HandoverError> {
     if matches!(c.state, State::Fresh | State::Greeting) {
         if matches!(c.state, State::Fresh) {
             write_all(stream, &Hello::ours(gem_version).encode(), deadline)?;
@@ -227,9 +277,13 @@ fn exchange_on(
     }
     c.seq += 1;
     let seq = c.seq;
-    let mut frame = Vec::with_capacity(payload.len() + 13);
-    wire::encode_frame(&mut frame, kind, seq, payload);
-    write_all(stream, &frame, deadline)?;
+    let mut prefix = std::mem::take(&mut c.head);
+    prefix.clear();
+    wire::encode_frame_prefix(&mut prefix, kind, seq, head.len() + body.len());
+    prefix.extend_from_slice(head);
+    let written = write_all_parts(stream, &prefix, body, deadline);
+    c.head = prefix;
+    written?;
     loop {
         let reply = read_until(stream, c, deadline, wire::decode_frame)?;
         if reply.seq < seq {
@@ -267,8 +321,19 @@ fn write_all(
     bytes: &[u8],
     deadline: Instant,
 ) -> Result<(), HandoverError> {
+    write_all_parts(stream, bytes, &[], deadline)
+}
+
+/// As [`write_all`] for `first` then `second`, with vectored writes.
+fn write_all_parts(
+    stream: &mut UnixStream,
+    first: &[u8],
+    second: &[u8],
+    deadline: Instant,
+) -> Result<(), HandoverError> {
+    let total = first.len() + second.len();
     let mut written = 0;
-    while written < bytes.len() {
+    while written < total {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(if written == 0 {
@@ -283,7 +348,12 @@ fn write_all(
         stream
             .set_write_timeout(Some(left))
             .map_err(HandoverError::Io)?;
-        match stream.write(&bytes[written..]) {
+        let r = if written < first.len() {
+            stream.write_vectored(&[IoSlice::new(&first[written..]), IoSlice::new(second)])
+        } else {
+            stream.write(&second[written - first.len()..])
+        };
+        match r {
             Ok(0) => {
                 return Err(HandoverError::Io(ErrorKind::WriteZero.into()));
             }
@@ -433,6 +503,47 @@ mod tests {
             Err(HandoverError::Broken(_))
         ));
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_payload_in_two_parts_is_the_same_frame_on_the_wire() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        // Larger than the socket buffer: written in several vectored writes.
+        let body: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+        let head = b"route-and-count".to_vec();
+        let expected = {
+            let mut payload = head.clone();
+            payload.extend_from_slice(&body);
+            let mut out = Hello::ours("0.1.0").encode();
+            wire::encode_frame(&mut out, Kind::Traces, 1, &payload);
+            out
+        };
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 65536];
+            let mut greeted = false;
+            loop {
+                if !greeted && Hello::decode(&got).ok().flatten().is_some() {
+                    b.write_all(&Welcome::Accept.encode()).unwrap();
+                    greeted = true;
+                }
+                if greeted {
+                    let hello = Hello::ours("0.1.0").encode().len();
+                    if let Ok(Some((f, _))) = wire::decode_frame(&got[hello..]) {
+                        let mut out = Vec::new();
+                        wire::encode_frame(&mut out, Kind::Ack, f.seq, b"");
+                        b.write_all(&out).unwrap();
+                        return got;
+                    }
+                }
+                let n = b.read(&mut chunk).unwrap();
+                assert!(n > 0);
+                got.extend_from_slice(&chunk[..n]);
+            }
+        });
+        let c = Client::new(a, "0.1.0");
+        c.handover_parts(Kind::Traces, &head, &body).unwrap();
+        assert_eq!(reader.join().unwrap(), expected);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
@@ -100,11 +100,21 @@ impl Drop for Held {
     }
 }
 
-/// The traces of one v0.4 body, without its array header.
+/// One v0.4 body as the worker encoded it: a slice of the bytes read from
+/// its connection (never copied on the way in).
 pub struct Body {
-    traces: Vec<u8>,
+    body: Bytes,
+    /// Length of its array header: the traces are `body[header..]`.
+    header: usize,
     count: u32,
     _held: Held,
+}
+
+impl Body {
+    /// The traces, without the array header.
+    fn traces(&self) -> &[u8] {
+        &self.body[self.header..]
+    }
 }
 
 /// Sends bodies to one agent, several per request: their traces under one
@@ -112,6 +122,47 @@ pub struct Body {
 pub struct BodySink {
     exporter: TraceExporter,
     counters: Arc<ListenerCounters>,
+    /// The buffer of the last request that joined several bodies, reused.
+    spare: Mutex<Vec<u8>>,
+}
+
+impl BodySink {
+    /// The request body for `bodies`: the one body as it came (no copy),
+    /// or their traces under one array header in a reused buffer.
+    fn request_body(&self, bodies: &[Body], count: u64, size: usize) -> Bytes {
+        if let [one] = bodies {
+            return one.body.clone();
+        }
+        let mut body = self
+            .spare
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        body.clear();
+        body.reserve(size);
+        body.push(0xdd);
+        body.extend_from_slice(&(count.min(u64::from(u32::MAX)) as u32).to_be_bytes());
+        for b in bodies {
+            body.extend_from_slice(b.traces());
+        }
+        Bytes::from(body)
+    }
+
+    /// Keeps a joined request's buffer once the request no longer holds it.
+    fn keep_spare(&self, body: Bytes) {
+        let Ok(buf) = body.try_into_mut() else {
+            return;
+        };
+        let buf = Vec::from(buf);
+        if buf.capacity() > self.exporter.config().max_payload.saturating_mul(2) {
+            return;
+        }
+        if let Ok(mut spare) = self.spare.lock() {
+            if buf.capacity() > spare.capacity() {
+                *spare = buf;
+            }
+        }
+    }
 }
 
 impl BatchSink<Body> for BodySink {
@@ -128,27 +179,26 @@ impl BatchSink<Body> for BodySink {
             let start = i;
             let mut size = 5;
             let mut count: u64 = 0;
-            while i < batch.len() && (i == start || size + batch[i].traces.len() <= cap) {
-                size += batch[i].traces.len();
+            while i < batch.len() && (i == start || size + batch[i].traces().len() <= cap) {
+                size += batch[i].traces().len();
                 count += u64::from(batch[i].count);
                 i += 1;
             }
-            let mut body = Vec::with_capacity(size);
-            body.push(0xdd);
-            body.extend_from_slice(&(count.min(u64::from(u32::MAX)) as u32).to_be_bytes());
-            for b in &batch[start..i] {
-                body.extend_from_slice(&b.traces);
-            }
+            let body = self.request_body(&batch[start..i], count, size);
+            let joined = i - start > 1;
             let outcome = self
                 .exporter
                 .send_encoded(
-                    Bytes::from(body),
+                    body.clone(),
                     count as usize,
                     generation,
                     Some(stop),
                     &mut report,
                 )
                 .await;
+            if joined {
+                self.keep_spare(body);
+            }
             match outcome {
                 Ok(()) => {
                     report.trace_count += i - start;
@@ -206,7 +256,9 @@ struct Routes {
 #[derive(Default)]
 struct ConnState {
     stream: Option<UnixStream>,
-    inbuf: Vec<u8>,
+    /// Bytes read; whole frames are split off it and their trace bodies
+    /// kept as slices of it.
+    inbuf: BytesMut,
     outbuf: Vec<u8>,
     greeted: bool,
     /// Close once `outbuf` is written (after a refusal).
@@ -377,7 +429,7 @@ impl Listener {
         if st.stream.take().is_some() {
             self.counters.closed.fetch_add(1, Ordering::Relaxed);
         }
-        st.inbuf = Vec::new();
+        st.inbuf = BytesMut::new();
         st.outbuf = Vec::new();
     }
 
@@ -448,7 +500,16 @@ impl Listener {
                 },
             }
             let mut st = conn.lock();
-            st.inbuf.reserve(64 * 1024);
+            // Room for the rest of the frame being read at once, so that
+            // it lands in one buffer (never moved while it grows).
+            let frame_left = match st.greeted {
+                true => wire::frame_len(&st.inbuf)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |n| n.saturating_sub(st.inbuf.len())),
+                false => 0,
+            };
+            st.inbuf.reserve(frame_left.max(64 * 1024));
             match stream.try_read_buf(&mut st.inbuf) {
                 Ok(0) => {
                     // The worker exited (or was killed): what it handed
@@ -483,7 +544,7 @@ impl Listener {
                 match Hello::decode(&st.inbuf) {
                     Ok(None) => return true,
                     Ok(Some((hello, used))) => {
-                        st.inbuf.drain(..used);
+                        st.inbuf.advance(used);
                         if hello.gem_version != self.gem_version {
                             self.refuse(
                                 st,
@@ -507,7 +568,7 @@ impl Listener {
                 }
                 continue;
             }
-            let (frame, used) = match wire::decode_frame(&st.inbuf) {
+            let frame = match wire::take_frame(&mut st.inbuf) {
                 Ok(None) => return true,
                 Ok(Some(f)) => f,
                 Err(e) => {
@@ -515,7 +576,6 @@ impl Listener {
                     return false;
                 }
             };
-            st.inbuf.drain(..used);
             let answer = match frame.kind {
                 Kind::Traces => self.traces(&frame.payload),
                 Kind::Exposures => self.exposures(&frame.payload),
@@ -570,7 +630,7 @@ impl Listener {
         Answer::Nack(e.to_string())
     }
 
-    fn traces(&self, payload: &[u8]) -> Answer {
+    fn traces(&self, payload: &Bytes) -> Answer {
         let t = match wire::Traces::decode(payload) {
             Ok(t) => t,
             Err(e) => return self.nack_malformed(e),
@@ -586,6 +646,7 @@ impl Listener {
             Err(why) => return Answer::Nack(why),
         };
         let len = traces.len() as u64;
+        let header = t.body.len() - traces.len();
         let held = self.held_bytes.fetch_add(len, Ordering::AcqRel);
         let guard = Held {
             bytes: len,
@@ -595,7 +656,8 @@ impl Listener {
             return Answer::Nack("listener buffer full".into());
         }
         let body = Body {
-            traces: traces.to_vec(),
+            body: t.body,
+            header,
             count,
             _held: guard,
         };
@@ -673,6 +735,7 @@ impl Listener {
             BodySink {
                 exporter,
                 counters: self.counters.clone(),
+                spare: Mutex::new(Vec::new()),
             },
             self.limits.bodies,
             // Sent as soon as one arrives: bodies batch up by themselves
@@ -898,7 +961,7 @@ mod tests {
                 ..Default::default()
             },
             trace_count,
-            body,
+            body: body.into(),
         }
         .encode()
     }

@@ -80,23 +80,26 @@ fn hand_over_traces(client: &Client, e: &TraceExporter, batch: &[Trace]) -> (Sen
     let route = trace_route(e);
     let mut report = SendReport::default();
     let mut offset = 0;
+    // The body is encoded into a buffer kept by the client and written
+    // from there after the payload head (no copy); the head is small.
+    let mut buf = client.take_spare();
+    let mut head = Vec::with_capacity(256);
     while offset < batch.len() {
         let next = next_payload(
             &batch[offset..],
             &c.defaults,
             Protocol::V04,
             c.max_payload,
-            Vec::new(),
+            buf,
         );
+        buf = Vec::new();
         if let Some(p) = next.payload {
             let count = p.trace_count;
-            let frame = wire::Traces {
-                route: route.clone(),
-                trace_count: count as u32,
-                body: p.body,
-            }
-            .encode();
-            if client.handover(Kind::Traces, &frame).is_err() {
+            head.clear();
+            wire::Traces::encode_head(&mut head, &route, count as u32, p.body.len());
+            let handed = client.handover_parts(Kind::Traces, &head, &p.body);
+            buf = p.body;
+            if handed.is_err() {
                 COUNTERS.fallback_batches.fetch_add(1, Ordering::Relaxed);
                 break;
             }
@@ -114,6 +117,7 @@ fn hand_over_traces(client: &Client, e: &TraceExporter, batch: &[Trace]) -> (Sen
         }
         offset += next.consumed;
     }
+    client.keep_spare(buf);
     (report, offset)
 }
 

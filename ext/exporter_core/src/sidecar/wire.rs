@@ -25,6 +25,8 @@
 //! malformed is a [`WireError`], and the side that met it closes that
 //! connection: it never guesses at the bytes that follow.
 
+use bytes::{Bytes, BytesMut};
+
 use crate::exposures::{Context, Exposure};
 use crate::flags::aggregate::{Counts, Row, RowKey, Tier};
 use crate::flags::context::Canonical;
@@ -36,6 +38,8 @@ pub const MAGIC: [u8; 4] = *b"EXSC";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// kind + seq.
 const FRAME_HEAD: usize = 1 + 8;
+/// len + kind + seq: the bytes before a frame's payload.
+pub const FRAME_PREFIX: usize = 4 + FRAME_HEAD;
 /// The largest frame (kind, seq and payload): a full 5 MiB trace body
 /// plus its route, with room to spare.
 pub const MAX_FRAME: usize = 5 * 1024 * 1024 + 64 * 1024;
@@ -247,21 +251,28 @@ impl Kind {
 pub struct Frame {
     pub kind: Kind,
     pub seq: u64,
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
 }
 
 /// Appends a frame to `out`.
 pub fn encode_frame(out: &mut Vec<u8>, kind: Kind, seq: u64, payload: &[u8]) {
-    out.extend_from_slice(&((FRAME_HEAD + payload.len()) as u32).to_le_bytes());
-    out.push(kind as u8);
-    out.extend_from_slice(&seq.to_le_bytes());
+    encode_frame_prefix(out, kind, seq, payload.len());
     out.extend_from_slice(payload);
 }
 
-/// The frame at the front of `buf` and its length in bytes; `None` while
-/// incomplete. An oversized length is an error as soon as its 4 bytes are
-/// in, so a peer cannot make us buffer more than [`MAX_FRAME`].
-pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
+/// Appends the [`FRAME_PREFIX`] bytes of a frame whose payload, of
+/// `payload_len` bytes, is written after them (by the caller).
+pub fn encode_frame_prefix(out: &mut Vec<u8>, kind: Kind, seq: u64, payload_len: usize) {
+    out.extend_from_slice(&((FRAME_HEAD + payload_len) as u32).to_le_bytes());
+    out.push(kind as u8);
+    out.extend_from_slice(&seq.to_le_bytes());
+}
+
+/// The whole length (prefix included) of the frame at the front of `buf`,
+/// once its 4 length bytes are in; an oversized or short length is an
+/// error as soon as they are, so a peer cannot make us buffer more than
+/// [`MAX_FRAME`].
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
     let Some(len) = buf.get(..4) else {
         return Ok(None);
     };
@@ -269,20 +280,49 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
     if !(FRAME_HEAD..=MAX_FRAME).contains(&len) {
         return Err(WireError::FrameSize(len));
     }
-    let Some(body) = buf.get(4..4 + len) else {
+    Ok(Some(4 + len))
+}
+
+/// The kind, seq and whole length of the frame at the front of `buf`;
+/// `None` while incomplete.
+fn frame_head(buf: &[u8]) -> Result<Option<(Kind, u64, usize)>, WireError> {
+    let Some(total) = frame_len(buf)? else {
         return Ok(None);
     };
-    let kind = Kind::from_u8(body[0])?;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let kind = Kind::from_u8(buf[4])?;
     let mut seq = [0u8; 8];
-    seq.copy_from_slice(&body[1..9]);
-    Ok(Some((
-        Frame {
-            kind,
-            seq: u64::from_le_bytes(seq),
-            payload: body[9..].to_vec(),
-        },
-        4 + len,
-    )))
+    seq.copy_from_slice(&buf[5..FRAME_PREFIX]);
+    Ok(Some((kind, u64::from_le_bytes(seq), total)))
+}
+
+/// The frame at the front of `buf` and its length in bytes; `None` while
+/// incomplete. The payload is copied: for small frames (answers).
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
+    Ok(frame_head(buf)?.map(|(kind, seq, total)| {
+        (
+            Frame {
+                kind,
+                seq,
+                payload: Bytes::copy_from_slice(&buf[FRAME_PREFIX..total]),
+            },
+            total,
+        )
+    }))
+}
+
+/// Takes the frame at the front of `buf` off it, its payload a slice of
+/// the bytes read (no copy); `None` (and `buf` untouched) while
+/// incomplete.
+pub fn take_frame(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+    let Some((kind, seq, total)) = frame_head(buf)? else {
+        return Ok(None);
+    };
+    let mut frame = buf.split_to(total).freeze();
+    let payload = frame.split_off(FRAME_PREFIX);
+    Ok(Some(Frame { kind, seq, payload }))
 }
 
 /// The payload of an `Ack`: the listener's count of un-marked exposure
@@ -342,7 +382,7 @@ impl EvpRoute {
 pub struct Traces {
     pub route: TraceRoute,
     pub trace_count: u32,
-    pub body: Vec<u8>,
+    pub body: Bytes,
 }
 
 /// A [`Kind::Exposures`] payload.
@@ -484,19 +524,27 @@ fn evp_route(d: &mut Dec<'_>) -> Result<EvpRoute, WireError> {
 impl Traces {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.body.len() + 128);
-        let mut e = Enc(&mut out);
-        let r = &self.route;
+        Traces::encode_head(&mut out, &self.route, self.trace_count, self.body.len());
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// Appends what comes before the body in a traces payload (route,
+    /// count, body length): the payload is these bytes then the body's
+    /// `body_len` bytes, so a sender can write the body from where it is.
+    pub fn encode_head(out: &mut Vec<u8>, r: &TraceRoute, trace_count: u32, body_len: usize) {
+        let mut e = Enc(out);
         e.str(&r.url);
         e.str(&r.lang_version);
         e.str(&r.lang_interpreter);
         e.str(&r.tracer_version);
         e.opt(r.container_id.as_deref());
-        e.u32(self.trace_count);
-        e.bytes(&self.body);
-        out
+        e.u32(trace_count);
+        e.u32(body_len as u32);
     }
 
-    pub fn decode(buf: &[u8]) -> Result<Traces, WireError> {
+    /// Decodes a payload; the body is a slice of `buf` (no copy).
+    pub fn decode(buf: &Bytes) -> Result<Traces, WireError> {
         let mut d = Dec {
             buf,
             what: "traces payload",
@@ -509,7 +557,7 @@ impl Traces {
             container_id: d.opt()?,
         };
         let trace_count = d.u32()?;
-        let body = d.bytes()?.to_vec();
+        let body = buf.slice_ref(d.bytes()?);
         d.end()?;
         Ok(Traces {
             route,
@@ -792,6 +840,44 @@ mod tests {
     }
 
     #[test]
+    fn frames_are_taken_off_a_read_buffer_as_slices_of_it() {
+        let t = Traces {
+            route: TraceRoute {
+                url: "http://a".into(),
+                ..Default::default()
+            },
+            trace_count: 1,
+            body: Bytes::from_static(&[0x91, 0x90]),
+        };
+        // The head then the body, written apart, are the payload encode makes.
+        let mut parts = Vec::new();
+        Traces::encode_head(&mut parts, &t.route, 1, t.body.len());
+        parts.extend_from_slice(&t.body);
+        assert_eq!(parts, t.encode());
+        let mut raw = Vec::new();
+        encode_frame(&mut raw, Kind::Traces, 3, &t.encode());
+        let mut prefixed = Vec::new();
+        encode_frame_prefix(&mut prefixed, Kind::Ack, 4, 0);
+        raw.extend_from_slice(&prefixed);
+        let mut buf = BytesMut::from(&raw[..raw.len() - 1]);
+        let start = buf.as_ptr() as usize;
+        let f = take_frame(&mut buf).unwrap().unwrap();
+        assert_eq!((f.kind, f.seq), (Kind::Traces, 3));
+        assert_eq!(f.payload.as_ptr() as usize, start + FRAME_PREFIX, "no copy");
+        let got = Traces::decode(&f.payload).unwrap();
+        assert_eq!(got, t);
+        assert!(got.body.as_ptr() >= f.payload.as_ptr(), "no copy");
+        // The Ack is one byte short: left where it is.
+        assert_eq!(take_frame(&mut buf), Ok(None));
+        assert_eq!(buf.len(), FRAME_PREFIX - 1);
+        buf.extend_from_slice(&raw[raw.len() - 1..]);
+        let g = take_frame(&mut buf).unwrap().unwrap();
+        assert_eq!((g.kind, g.seq, g.payload.len()), (Kind::Ack, 4, 0));
+        assert!(buf.is_empty());
+        assert_eq!(frame_len(&raw), Ok(Some(raw.len() - FRAME_PREFIX)));
+    }
+
+    #[test]
     fn oversized_short_and_unknown_frames_are_errors() {
         let big = ((MAX_FRAME + 1) as u32).to_le_bytes();
         // Refused from its length alone: nothing is buffered for it.
@@ -817,9 +903,9 @@ mod tests {
                 container_id: Some("abc".into()),
             },
             trace_count: 2,
-            body: vec![0x92, 0x90, 0x90],
+            body: Bytes::from_static(&[0x92, 0x90, 0x90]),
         };
-        assert_eq!(Traces::decode(&t.encode()), Ok(t));
+        assert_eq!(Traces::decode(&Bytes::from(t.encode())), Ok(t));
 
         let x = Exposures {
             route: route(),
@@ -909,7 +995,7 @@ mod tests {
                     seed as u8
                 })
                 .collect();
-            let _ = Traces::decode(&bytes);
+            let _ = Traces::decode(&Bytes::from(bytes.clone()));
             let _ = Exposures::decode(&bytes);
             let _ = Evaluations::decode(&bytes);
             let _ = decode_frame(&bytes);
