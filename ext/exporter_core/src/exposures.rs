@@ -25,7 +25,7 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::agent::{Post, SendReport};
 use crate::batch::{BatchSink, BatchWorker};
-use crate::encode::{MapOf, SeqOf};
+use crate::encode::{MapOf, One, SeqOf};
 use crate::http::{Client, Endpoint, UrlError};
 use crate::retry::RetryPolicy;
 use crate::span::AttributeValue;
@@ -346,16 +346,6 @@ impl Dedup {
     }
 }
 
-struct Key<'a>(&'a str);
-
-impl Serialize for Key<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(1))?;
-        m.serialize_entry("key", self.0)?;
-        m.end()
-    }
-}
-
 struct Attr<'a>(&'a AttributeValue);
 
 impl Serialize for Attr<'_> {
@@ -385,9 +375,9 @@ impl Serialize for Exposure {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(5))?;
         m.serialize_entry("timestamp", &self.timestamp_ms)?;
-        m.serialize_entry("allocation", &Key(&self.allocation))?;
-        m.serialize_entry("flag", &Key(&self.flag))?;
-        m.serialize_entry("variant", &Key(&self.variant))?;
+        m.serialize_entry("allocation", &One("key", &self.allocation))?;
+        m.serialize_entry("flag", &One("key", &self.flag))?;
+        m.serialize_entry("variant", &One("key", &self.variant))?;
         m.serialize_entry("subject", &Subject(self))?;
         m.end()
     }

@@ -12,6 +12,19 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
 use crate::span::{AttributeValue, SpanEvent, SpanLink};
 
+/// A JSON object with one text entry, `{"<name>": "<text>"}`: the
+/// intake's `{"key": ..}` and `{"message": ..}` wrappers.
+pub(crate) struct One<'a>(pub &'static str, pub &'a str);
+
+impl Serialize for One<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry(self.0, self.1)?;
+        m.end()
+    }
+}
+
 /// A slice serialized as a sequence, each item as `wrap` presents it.
 pub(crate) struct SeqOf<'a, T, W>(pub &'a [T], pub fn(&'a T) -> W);
 

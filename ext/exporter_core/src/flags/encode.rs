@@ -16,27 +16,8 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use super::aggregate::Row;
 use super::context::{Canonical, ScalarRef};
+use crate::encode::One;
 use crate::exposures::Context;
-
-struct Key<'a>(&'a str);
-
-impl Serialize for Key<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(1))?;
-        m.serialize_entry("key", self.0)?;
-        m.end()
-    }
-}
-
-struct Message<'a>(&'a str);
-
-impl Serialize for Message<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(1))?;
-        m.serialize_entry("message", self.0)?;
-        m.end()
-    }
-}
 
 impl Serialize for ScalarRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -78,16 +59,16 @@ impl Serialize for RowAt<'_> {
         let c = &self.row.counts;
         let mut m = s.serialize_map(None)?;
         m.serialize_entry("timestamp", &self.timestamp)?;
-        m.serialize_entry("flag", &Key(&k.flag))?;
+        m.serialize_entry("flag", &One("key", &k.flag))?;
         m.serialize_entry("first_evaluation", &c.first)?;
         m.serialize_entry("last_evaluation", &c.last)?;
         m.serialize_entry("evaluation_count", &c.count)?;
         match &k.variant {
-            Some(v) => m.serialize_entry("variant", &Key(v))?,
+            Some(v) => m.serialize_entry("variant", &One("key", v))?,
             None => m.serialize_entry("runtime_default_used", &true)?,
         }
         if let Some(a) = &k.allocation {
-            m.serialize_entry("allocation", &Key(a))?;
+            m.serialize_entry("allocation", &One("key", a))?;
         }
         if let Some(t) = &k.targeting_key {
             m.serialize_entry("targeting_key", t)?;
@@ -96,7 +77,7 @@ impl Serialize for RowAt<'_> {
             m.serialize_entry("context", &EvaluationContext(&k.context))?;
         }
         if let Some(e) = &k.error {
-            m.serialize_entry("error", &Message(e))?;
+            m.serialize_entry("error", &One("message", e))?;
         }
         m.end()
     }
