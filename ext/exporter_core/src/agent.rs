@@ -121,6 +121,16 @@ impl SendReport {
         self.error.is_none() && self.failed_traces == 0 && self.oversized_traces == 0
     }
 
+    /// Counts `n` traces dropped because each alone exceeds `cap` bytes.
+    pub fn note_oversized(&mut self, n: usize, cap: usize) {
+        if n > 0 {
+            self.oversized_traces += n;
+            self.note_error(format!(
+                "trace(s) dropped: each alone exceeds the {cap} byte payload limit"
+            ));
+        }
+    }
+
     pub fn note_error(&mut self, e: impl Into<String>) {
         if self.error.is_none() {
             self.error = Some(e.into());
@@ -277,13 +287,7 @@ impl TraceExporter {
                 }
                 break;
             }
-            if next.oversized_traces > 0 {
-                report.oversized_traces += next.oversized_traces;
-                report.note_error(format!(
-                    "trace(s) dropped: each alone exceeds the {} byte payload limit",
-                    c.max_payload
-                ));
-            }
+            report.note_oversized(next.oversized_traces, c.max_payload);
             offset += next.consumed;
         }
         self.keep_spare(buf);

@@ -108,13 +108,7 @@ fn hand_over_traces(client: &Client, e: &TraceExporter, batch: &[Trace]) -> (Sen
                 .traces_handed_over
                 .fetch_add(count as u64, Ordering::Relaxed);
         }
-        if next.oversized_traces > 0 {
-            report.oversized_traces += next.oversized_traces;
-            report.note_error(format!(
-                "trace(s) dropped: each alone exceeds the {} byte payload limit",
-                c.max_payload
-            ));
-        }
+        report.note_oversized(next.oversized_traces, c.max_payload);
         offset += next.consumed;
     }
     client.keep_spare(buf);
