@@ -41,6 +41,18 @@ module Exporter
       !%w[false 0].include?(value)
     end
 
+    # The agent and service options every sender takes, each defaulted from
+    # the environment and checked (ArgumentError naming the option).
+    def sender_options(url:, timeout:, service:, env:, version:)
+      {
+        url: Args.string(:url, url || agent_url),
+        timeout: Args.seconds(:timeout, timeout || self.timeout),
+        service: Args.string(:service, service || self.service),
+        env: Args.string(:env, env || env_name),
+        version: Args.string(:version, version || self.version)
+      }
+    end
+
     def service(env = ENV) = env.fetch("DD_SERVICE", "")
     def env_name(env = ENV) = env.fetch("DD_ENV", "")
     def version(env = ENV) = env.fetch("DD_VERSION", "")

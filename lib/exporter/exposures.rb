@@ -32,11 +32,7 @@ module Exporter
                  buffer_size: DEFAULT_BUFFER_SIZE, dedup_cache_size: DEFAULT_DEDUP_CACHE_SIZE, timeout: nil,
                  max_payload_size: MAX_PAYLOAD_SIZE)
       opts = {
-        url: Args.string(:url, url || Config.agent_url),
-        timeout: Args.seconds(:timeout, timeout || Config.timeout),
-        service: Args.string(:service, service || Config.service),
-        env: Args.string(:env, env || Config.env_name),
-        version: Args.string(:version, version || Config.version),
+        **Config.sender_options(url: url, timeout: timeout, service: service, env: env, version: version),
         flush_interval: Args.seconds(:flush_interval, flush_interval),
         buffer_size: Args.integer(:buffer_size, buffer_size),
         dedup_cache_size: Args.integer(:dedup_cache_size, dedup_cache_size),

@@ -32,11 +32,7 @@ module Exporter
                  queue_size: DEFAULT_QUEUE_SIZE, timeout: nil, max_payload_size: MAX_PAYLOAD_SIZE)
       opts = {
         enabled: Config.flag_evaluation_counts_enabled?,
-        url: Args.string(:url, url || Config.agent_url),
-        timeout: Args.seconds(:timeout, timeout || Config.timeout),
-        service: Args.string(:service, service || Config.service),
-        env: Args.string(:env, env || Config.env_name),
-        version: Args.string(:version, version || Config.version),
+        **Config.sender_options(url: url, timeout: timeout, service: service, env: env, version: version),
         flush_interval: Args.seconds(:flush_interval, flush_interval),
         queue_size: Args.integer(:queue_size, queue_size),
         max_payload_size: Args.integer(:max_payload_size, max_payload_size)
