@@ -122,12 +122,18 @@ RSpec.describe "preforking servers" do # rubocop:disable RSpec/DescribeClass
   def expect_all_traces(killed: true)
     want = (1..REQUESTS + 1).to_a
     want += (KILL_FIRST...KILL_FIRST + 20).to_a if killed
-    traces = eventually(timeout: 15) do
-      got = agent.traces
-      got if got.size >= want.size
+    traces = begin
+      eventually(timeout: 15) do
+        got = agent.traces
+        got if got.size >= want.size
+      end
+    rescue RuntimeError
+      agent.traces
     end
     ids = traces.map { |t| t.first["trace_id"] }.sort
-    expect(ids).to eq(want)
+    expect(ids).to eq(want), lambda {
+      "missing #{(want - ids).inspect}, extra #{(ids - want).inspect}; server log:\n#{File.read(@log).lines.last(40).join}"
+    }
     worker_pids = traces.map { |t| t.first["meta"]["worker.pid"] }.uniq
     expect(worker_pids.size).to be >= 2
   end
