@@ -63,7 +63,7 @@ RSpec.describe Exporter::AtFork do
     expect { described_class.at_fork(:before) }.to raise_error(ArgumentError, /block/)
   end
 
-  it "a :before hook raising stops the fork and undoes only the owners whose :before ran" do
+  it "a :before hook raising stops the fork and undoes the owners whose :before began, its own too" do
     undone = []
     hook(:before, owner: :a) { nil }
     hook(:parent, owner: :a) { undone << :a }
@@ -72,7 +72,82 @@ RSpec.describe Exporter::AtFork do
     hook(:before, owner: :c) { nil } # registered last: ran before :b raised
     hook(:parent, owner: :c) { undone << :c }
     expect { fork { exit!(0) } }.to raise_error(RuntimeError, "no fork now")
-    expect(undone).to eq([:c])
+    expect(undone).to eq(%i[b c])
+  end
+
+  # What Puma's master does: its SIGTERM trap handler raises wherever the
+  # main thread is, a fork's hooks included, and no mask defers a trap.
+  it "an exception raised after the fork, or by a :parent hook, still runs every :parent hook" do
+    undone = []
+    armed = false
+    hook(:parent, owner: :a) do
+      undone << :a
+      raise "parent hook bug" if armed
+    end
+    hook(:parent, owner: :b) { undone << :b }
+    pids = []
+    expect do
+      Exporter::AtFork.around_fork do
+        pids << fork { exit!(0) } # a real fork inside: its own hooks run too
+        armed = true
+        raise SignalException, "TERM" # as a trap handler would, right after the fork returned
+      end
+    end.to raise_error(SignalException)
+    expect(undone).to eq(%i[a b a b])
+    pids.each { |pid| wait_bounded(pid) }
+    # The runtime was paused and resumed around both forks: sends work.
+    agent = TestAgent.shared.clear
+    t = Exporter::Transport.new(url: agent.url)
+    expect(t.send_traces([SpanFactory.trace(1)])).to be_ok
+    t.close
+  end
+
+  it "at exit, a runtime left paused by a cut-short fork is resumed and what was queued is sent" do
+    agent = TestAgent.shared.clear
+    pid = fork do
+      w = Exporter::Writer.new(transport: Exporter::Transport.new(url: agent.url), flush_interval: 3600)
+      w.write([{ trace_id: 77, span_id: 1, name: "x" }])
+      Exporter::Native.before_fork # and no :parent hook: as if a trap raised in between
+      exit!(3) unless Exporter::Native.fork_in_progress?
+      exit(0)
+    end
+    expect(wait_bounded(pid).exitstatus).to eq(0)
+    expect(eventually_via_sidecar { (t = agent.traces).any? && t }.map { |t| t.first["trace_id"] }).to eq([77])
+  end
+
+  it "a trap handler raising at random points of real forks never leaves the runtime paused" do
+    agent = TestAgent.shared.clear
+    # In a child of its own, so that children whose pid the trap cut off
+    # before it was returned die with it, unreaped by rspec.
+    pid = fork do
+      t = Exporter::Transport.new(url: agent.url)
+      w = Exporter::Writer.new(transport: t, flush_interval: 3600)
+      stop = Class.new(StandardError)
+      Signal.trap("USR2") { raise stop }
+      interrupted = 0
+      paused = 0
+      200.times do |i|
+        killer = Thread.new { sleep(rand * 0.003) && Process.kill(:USR2, Process.pid) }
+        begin
+          child = fork { exit!(0) }
+          w.write([{ trace_id: i + 1, span_id: 1, name: "x" }])
+          killer.join
+          sleep 0.005 # a late signal lands here
+          Process.wait(child)
+        rescue stop
+          interrupted += 1
+          killer.join
+        end
+        # The writer's worker restarts the runtime as soon as a fork ends.
+        paused += 1 unless Exporter::Runtime.running?
+      end
+      Signal.trap("USR2", "DEFAULT")
+      ok = w.flush(timeout: 10) && t.send_traces([SpanFactory.trace(1000)]).ok?
+      good = ok && interrupted.positive? && paused.zero?
+      $stderr.puts "interrupted #{interrupted} of 200, left paused #{paused}, flush/send ok: #{ok.inspect}" unless good
+      exit!(good ? 0 : 1)
+    end
+    expect(wait_bounded(pid, timeout: 60).exitstatus).to eq(0)
   end
 
   it "a failed fork (_fork raising EAGAIN) runs :parent and restores the parent" do

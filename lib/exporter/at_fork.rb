@@ -53,27 +53,62 @@ module Exporter
         @hooks.fetch(stage)
       end
 
-      # Runs the :before hooks; if one raises, runs the :parent hooks of
-      # the owners whose :before ran, then re-raises.
-      def run_before
-        ran = []
-        hooks(:before).reverse_each do |h|
-          h.callable.call
-          ran << h.owner if h.owner
+      # Runs the :before hooks, yields (the fork itself), then the :child
+      # hooks in a child, or the :parent hooks otherwise (also when the
+      # fork or a :before hook raised). Returns what the block returned.
+      #
+      # A trap handler runs at any interrupt check of this thread and may
+      # raise (Puma's master does: its SIGTERM handler stops the workers,
+      # then raises SignalException wherever the main thread was), and
+      # Thread.handle_interrupt does not defer it. So whatever is raised
+      # and wherever: every :parent hook whose owner's :before began runs
+      # (a :before cut short is undone too; the :parent hooks tolerate an
+      # incomplete :before), and one that raises does not stop the others.
+      # Otherwise the runtime would stay paused for good and what the
+      # listener holds would be lost at exit.
+      def around_fork(daemon: false)
+        begun = []
+        all_begun = false
+        result = nil
+        begin
+          hooks(:before).reverse_each do |h|
+            begun << h.owner
+            h.callable.call
+          end
+          all_begun = true
+          result = yield
+        ensure
+          undo(all_begun ? nil : begun, $!) unless result&.zero?
         end
-      rescue Exception # rubocop:disable Lint/RescueException
-        run_parent(only_owners: ran)
-        raise
+        run_child(daemon: daemon) if result.zero?
+        result
       end
 
-      # Runs :parent hooks (all, or those of `only_owners`).
+      # Runs :parent hooks (all, or those of `only_owners`); each runs even
+      # if one before it raised, and the first error is raised at the end.
       def run_parent(only_owners: nil)
+        error = nil
         hooks(:parent).each do |h|
           next if only_owners && !only_owners.include?(h.owner)
 
-          h.callable.call
+          begin
+            h.callable.call
+          rescue Exception => e # rubocop:disable Lint/RescueException
+            error ||= e
+          end
         end
+        raise error if error
+
         nil
+      end
+
+      # Runs the :parent hooks after a fork (of `owners`, or all). While
+      # `in_flight` (what stopped the fork) propagates, an error of theirs
+      # does not replace it.
+      def undo(owners, in_flight)
+        run_parent(only_owners: owners)
+      rescue Exception # rubocop:disable Lint/RescueException
+        raise unless in_flight
       end
 
       # Runs :child hooks. `daemon: true` in the process that continues
@@ -127,27 +162,13 @@ module Exporter
     # The patch prepended to Process's singleton class.
     module ProcessPatch
       def _fork
-        AtFork.run_before
-        pid = begin
-          super
-        rescue Exception # rubocop:disable Lint/RescueException
-          AtFork.run_parent
-          raise
-        end
-        pid.zero? ? AtFork.run_child : AtFork.run_parent
-        pid
+        AtFork.around_fork { super }
       end
 
+      # `Process.daemon` returns 0 in the process that continues: its
+      # :child hooks run with `daemon_child?` true.
       def daemon(*args)
-        AtFork.run_before
-        begin
-          result = super
-        rescue Exception # rubocop:disable Lint/RescueException
-          AtFork.run_parent
-          raise
-        end
-        AtFork.run_child(daemon: true)
-        result
+        AtFork.around_fork(daemon: true) { super }
       end
     end
 

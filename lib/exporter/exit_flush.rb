@@ -55,6 +55,7 @@ module Exporter
       # with the process, per kind. Returns that count per kind.
       def run(timeout: TIMEOUT, log: $stderr)
         deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+        Runtime.resume_if_left_paused
         live = @live.keys.reject(&:stopped?)
         live.each do |f|
           left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)

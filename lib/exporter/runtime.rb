@@ -20,6 +20,17 @@ module Exporter
         @installed = true
       end
 
+      # Outside a fork, a runtime still paused for one means an exception
+      # cut the fork's :parent hooks short (AtFork.around_fork makes that
+      # all but impossible); at exit, before the last flush, this resumes
+      # it so that nothing queued is lost. True when it had to.
+      def resume_if_left_paused
+        return false unless Native.fork_in_progress?
+
+        Native.after_fork_parent
+        true
+      end
+
       def running? = Native.runtime_running?
       def thread_count = Native.runtime_thread_count
     end

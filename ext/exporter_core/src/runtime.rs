@@ -93,6 +93,12 @@ pub fn generation() -> u64 {
     GENERATION.load(Ordering::Acquire)
 }
 
+/// Whether `before_fork` ran and neither `after_fork_*` has yet: true
+/// outside a fork only if an exception cut the parent's hooks short.
+pub fn fork_in_progress() -> bool {
+    lock().forking
+}
+
 /// Whether a runtime is running now.
 pub fn is_running() -> bool {
     lock().runtime.is_some()
