@@ -52,7 +52,7 @@ module HelperProcesses
   def serving?(pid, dir)
     argv = File.read("/proc/#{pid}/cmdline").split("\0")
     File.basename(argv[0].to_s) == "exporter-sidecar" &&
-      argv.each_cons(2).any? { |k, v| k == "--socket" && v.start_with?(dir) }
+      argv.each_cons(2).any? { |k, v| k == "--socket" && v.start_with?(File.join(dir, "")) }
   end
 
   # A zombie has no cmdline left: its name, and that it is our child.
