@@ -4,6 +4,7 @@
 # what the native worker spends per evaluation.
 #
 #   ruby bench/flag_evaluations.rb          # BENCH_ROUNDS (5) rounds of BENCH_CALLS (200,000)
+#   BENCH_ONLY=Hook ruby bench/flag_evaluations.rb   # only the measures whose name matches
 #
 # Needs the extension built (`rake compile`). Prints, per measure, the
 # median over the rounds with min..max:
@@ -71,7 +72,11 @@ def runtime_cpu_ns
   end
 end
 
+ONLY = Regexp.new(ENV.fetch("BENCH_ONLY", ""))
+
 def measure(name, results)
+  return unless ONLY.match?(name)
+
   evals = Exporter::FlagEvaluations.new(url: $sink.url, flush_interval: 3600, queue_size: CALLS)
   worker_before = runtime_cpu_ns
   started = thread_cpu

@@ -12,6 +12,13 @@
 # Instructions per span = the total in the toggled function / (TRACES * 50).
 # `ruby bench/profile.rb exposures` profiles Exposures#record instead
 # (toggle 'exporter::exposures::Exposures::record*').
+#
+# `ruby bench/profile.rb hook [CALLS]` profiles OpenFeature::Hook#finally
+# as bench/flag_evaluations.rb measures it (SDK-shaped Structs, 5-field
+# context, no consent; `hook-consent` with consent). Hook#finally is Ruby,
+# so no symbol to toggle: run with --separate-threads=yes and compare the
+# main thread's total (the `-01` file) for two CALLS values:
+# instructions per call = (total(2N) - total(N)) / N.
 $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
 require "exporter"
 require_relative "workload"
@@ -28,6 +35,27 @@ if shape == "exposures"
     e.record(flag: "checkout", allocation: "rollout", variant: "on", subject_id: "user-1", subject_attributes: attrs)
   end
   p e.stats
+  exit!(0)
+end
+if shape.start_with?("hook")
+  details_shape = Struct.new(:flag_key, :variant, :error_code, :error_message, :flag_metadata, keyword_init: true)
+  hook_context_shape = Struct.new(:evaluation_context, keyword_init: true)
+  eval_context_shape = Struct.new(:fields)
+  meta = { "__dd_allocation_key" => "rollout" }
+  meta["observe_full_evaluation_data"] = true if shape == "hook-consent"
+  context = { "plan" => "pro", "country" => "fr", "age" => 30, "beta" => true, "ratio" => 0.25 }
+  evals = Exporter::FlagEvaluations.new(url: "http://127.0.0.1:9", flush_interval: 3600, queue_size: count + 1)
+  hook = Exporter::OpenFeature::Hook.new(evaluations: evals)
+  contexts = Array.new(1000) do |i|
+    hook_context_shape.new(evaluation_context: eval_context_shape.new({ "targeting_key" => "user-#{i}" }.merge(context)))
+  end
+  details = details_shape.new(flag_key: "checkout", variant: "on", flag_metadata: meta.freeze)
+  i = 0
+  while i < count
+    hook.finally(hook_context: contexts[i % 1000], evaluation_details: details, hints: nil)
+    i += 1
+  end
+  p evals.stats.slice(:recorded, :dropped, :hook_failures)
   exit!(0)
 end
 traces = Workload.traces(count, shape)

@@ -102,6 +102,57 @@ RSpec.describe Exporter::OpenFeature::Hook do
     expect(@exposures.stats[:recorded]).to eq(1)
   end
 
+  it "reads metadata of any size or shape: a falsy key falls back to its alternative" do
+    hook = described_class.new(evaluations: evals)
+    ctx = SdkShapes::EvaluationContext.new(targeting_key: "user-1", plan: "pro")
+    # Read in one pass (small), by lookups (large), and through `[]` (not a Hash).
+    small = { "__dd_allocation_key" => nil, "allocationKey" => "a1", "observe_full_evaluation_data" => true }
+    large = small.merge((1..20).to_h { |i| ["other-#{i}", i] }, "__dd_eval_timestamp_ms" => T1 + 1)
+    lookup = Object.new
+    lookup.define_singleton_method(:[]) { |k| { "__dd_allocation_key" => "a3", "dd.eval.timestamp_ms" => T1 + 2 }[k] }
+    finally(hook, flag: "small", context: ctx, metadata: small)
+    finally(hook, flag: "large", context: ctx, metadata: large)
+    finally(hook, flag: "lookup", context: ctx, metadata: lookup)
+    # Consent is `true` only; a bad timestamp from a provider is replaced by now.
+    finally(hook, flag: "truthy", context: ctx, metadata: { "observe_full_evaluation_data" => "yes",
+                                                            "__dd_eval_timestamp_ms" => "soon" })
+    expect(evals.flush(timeout: 5)).to be(true)
+    rows = server.rows.to_h { |r| [r["flag"]["key"], r] }
+    expect(rows["small"]).to include("allocation" => { "key" => "a1" }, "targeting_key" => "user-1",
+                                     "context" => { "evaluation" => { "plan" => "pro" } })
+    expect(rows["large"]).to include("allocation" => { "key" => "a1" }, "first_evaluation" => T1 + 1,
+                                     "targeting_key" => "user-1")
+    expect(rows["lookup"]).to include("allocation" => { "key" => "a3" }, "first_evaluation" => T1 + 2,
+                                      "targeting_key" => "sha256_#{Digest::SHA256.hexdigest('user-1')}")
+    expect(rows["lookup"]).not_to have_key("context")
+    expect(rows["truthy"]).not_to have_key("context")
+    expect(rows["truthy"]["first_evaluation"]).to be_within(60_000).of((Time.now.to_f * 1000).to_i)
+    expect(evals.stats).to include(recorded: 4, hook_failures: 0)
+  end
+
+  it "records exposures when evaluation counts are turned off" do
+    previous = ENV.fetch("DD_FLAGGING_EVALUATION_COUNTS_ENABLED", nil)
+    ENV["DD_FLAGGING_EVALUATION_COUNTS_ENABLED"] = "false"
+    disabled = Exporter::FlagEvaluations.new(url: server.url)
+    ENV["DD_FLAGGING_EVALUATION_COUNTS_ENABLED"] = previous
+    @exposures = Exporter::Exposures.new(url: server.url, flush_interval: 60)
+    ctx = SdkShapes::EvaluationContext.new(targeting_key: "user-9", tier: "gold")
+    finally(described_class.new(evaluations: disabled, exposures: @exposures), flag: "f", context: ctx,
+                                                                                metadata: { "allocationKey" => "a1" })
+    expect(@exposures.flush(timeout: 5)).to be(true)
+    expect(@exposures.stats[:recorded]).to eq(1)
+    expect(disabled.stats).to include(recorded: 0, hook_failures: 0)
+  end
+
+  it "takes the keywords the SDK passes; hints are optional" do
+    hook = described_class.new(evaluations: evals)
+    details = SdkShapes.details(flag: "f")
+    expect(hook.finally(hook_context: SdkShapes.hook_context("f", nil), evaluation_details: details)).to be_nil
+    expect(hook.finally(hook_context: SdkShapes.hook_context("f", nil), evaluation_details: details,
+                        hints: { "k" => 1 })).to be_nil
+    expect(evals.stats).to include(recorded: 2, hook_failures: 0)
+  end
+
   it "never raises into the application: failures are counted" do
     hook = described_class.new(evaluations: evals)
     broken = Object.new

@@ -1,8 +1,10 @@
 //! `Exporter::FlagEvaluations`, native half: `_record` captures its
 //! arguments under the GVL (Strings copied, the context walked with a depth
 //! bound, cycles cut, a node budget; no Ruby code is ever called) and
-//! queues an `Evaluation`; aggregation, keying, privacy and HTTP run in
-//! `exporter_core::flags` on the shared runtime. With the killswitch on
+//! queues an `Evaluation`; `_record_hook` does the same for the OpenFeature
+//! hook, reading the flag metadata and the context's fields itself.
+//! Aggregation, keying, privacy and HTTP run in `exporter_core::flags` on
+//! the shared runtime. With the killswitch on
 //! there is no worker at all: `_record` returns false.
 
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use exporter_core::flags::packed::Packer;
 use exporter_core::flags::worker::{now_ms, Config, EvaluationWorker};
 use exporter_core::worker;
 use magnus::rb_sys::AsRawValue;
-use magnus::value::ReprValue;
+use magnus::value::{Lazy, LazyId, ReprValue};
 use magnus::{
     function, method, prelude::*, Error, Float, Integer, RArray, RHash, RModule, RString, Ruby,
     Symbol, Value,
@@ -32,7 +34,8 @@ pub struct FlagEvaluations {
     inner: Option<Arc<EvaluationWorker>>,
 }
 
-/// The key the OpenFeature hook leaves out of a context's fields.
+/// The key of the targeting key in an evaluation context's fields (the
+/// OpenFeature hook leaves it out of the context it keeps).
 const TARGETING_KEY: &str = "targeting_key";
 
 /// An optional String (or Symbol) argument, packed; the error names it.
@@ -212,6 +215,204 @@ impl Capture<'_, '_> {
     }
 }
 
+/// One evaluation's arguments, as Ruby values: what `_record` was given,
+/// or what `_record_hook` read from the OpenFeature SDK's objects. Checked
+/// and packed by [`capture`], the one place for both.
+struct Args {
+    flag: Value,
+    variant: Value,
+    allocation: Value,
+    targeting_key: Value,
+    context: Value,
+    error_code: Value,
+    error_message: Value,
+    timestamp_ms: Value,
+    full_data: bool,
+    /// Read by the hook: a bad timestamp from a provider's metadata is
+    /// replaced by now, and the context's `targeting_key` is left out.
+    from_hook: bool,
+}
+
+/// Checks one evaluation's arguments and packs them into its one buffer
+/// (see `flags::packed`), then queues it: true when queued.
+fn capture(ruby: &Ruby, inner: &EvaluationWorker, a: &Args) -> Result<bool, Error> {
+    if a.flag.is_nil() {
+        return Err(errors::argument(ruby, "flag must be a String (got nil)"));
+    }
+    let context = if a.context.is_nil() {
+        None
+    } else {
+        Some(
+            RHash::from_value(a.context)
+                .ok_or_else(|| errors::argument(ruby, "context must be a Hash or nil"))?,
+        )
+    };
+    let timestamp_ms = if a.timestamp_ms.is_nil() {
+        now_ms()
+    } else {
+        let ms = Integer::from_value(a.timestamp_ms)
+            .and_then(|i| i.to_i64().ok())
+            .filter(|ms| TIMESTAMP_RANGE.contains(ms));
+        match ms {
+            Some(ms) => ms,
+            // Metadata from a provider: not the application's mistake.
+            None if a.from_hook => now_ms(),
+            // The intake refuses a whole body holding a row outside
+            // this range: refuse the one evaluation instead.
+            None => {
+                return Err(errors::argument(
+                    ruby,
+                    format!(
+                        "timestamp_ms must be an Integer of milliseconds since the epoch, \
+                         from {} (2025-10-01) to 2^53",
+                        TIMESTAMP_RANGE.start()
+                    ),
+                ))
+            }
+        }
+    };
+    // One buffer for every text and the context (see `flags::packed`),
+    // in its fixed order.
+    let mut p = Packer::new();
+    put_text(ruby, &mut p, a.flag, "flag")?;
+    put_text(ruby, &mut p, a.variant, "variant")?;
+    put_text(ruby, &mut p, a.allocation, "allocation")?;
+    match Integer::from_value(a.targeting_key) {
+        Some(i) => p.text(&i.to_string()),
+        None => put_text(ruby, &mut p, a.targeting_key, "targeting_key")?,
+    }
+    put_text(ruby, &mut p, a.error_code, "error_code")?;
+    put_text(ruby, &mut p, a.error_message, "error_message")?;
+    match context {
+        // Without consent no context is kept: not even walked.
+        Some(h) if a.full_data => {
+            let mut capture = Capture {
+                ruby,
+                packer: &mut p,
+                budget: MAX_CAPTURED_NODES,
+                ancestors: [0; MAX_DEPTH + 1],
+                depth: 0,
+            };
+            capture.hash(h, 0, a.from_hook);
+        }
+        _ => {
+            let empty = p.begin_map();
+            p.end(empty, 0);
+        }
+    }
+    Ok(inner.record(p.finish(timestamp_ms, a.full_data)))
+}
+
+/// The `flag_metadata` keys the OpenFeature hook reads, each with its
+/// alternative name: allocation, evaluation time, consent.
+const ALLOCATION_KEY: usize = 0;
+const TIMESTAMP_KEY: usize = 2;
+const CONSENT_KEY: usize = 4;
+const METADATA_KEYS: [&str; 5] = [
+    "__dd_allocation_key",
+    "allocationKey",
+    "__dd_eval_timestamp_ms",
+    "dd.eval.timestamp_ms",
+    "observe_full_evaluation_data",
+];
+/// Up to this many entries, `flag_metadata` is read in one pass comparing
+/// keys: cheaper than hashing each of the five keys to look it up.
+const SMALL_METADATA: usize = 8;
+
+static AREF: LazyId = LazyId::new("[]");
+static TARGETING_KEY_STRING: Lazy<RString> = Lazy::new(|ruby| {
+    let s = ruby.str_new(TARGETING_KEY);
+    s.freeze();
+    s
+});
+
+/// What `OpenFeature::Hook#finally` records, from what it read from the
+/// SDK's objects: the flag key, variant, error code and message,
+/// `flag_metadata` (a Hash, anything answering `[]`, or nil) and the
+/// evaluation context's `fields` (likewise). The SDK's methods are called
+/// by the hook in Ruby, where inline caches make each call a fraction of
+/// a `rb_funcall` from here; the metadata and the fields are read here,
+/// without calling Ruby code when they are Hashes.
+struct Hook {
+    args: Args,
+    fields: Value,
+}
+
+impl Hook {
+    fn read(ruby: &Ruby, details: [Value; 4], meta: Value, fields: Value) -> Result<Hook, Error> {
+        let [flag, variant, error_code, error_message] = details;
+        let nil = ruby.qnil().as_value();
+        let meta = Self::metadata(ruby, meta)?;
+        // `meta[key] || meta[alternative]`
+        let either = |key: usize| match meta[key] {
+            Some(v) if v.to_bool() => v,
+            _ => meta[key + 1].unwrap_or(nil),
+        };
+        let full_data = meta[CONSENT_KEY].is_some_and(|v| v.as_raw() == ruby.qtrue().as_raw());
+        let targeting_key = if fields.is_nil() {
+            nil
+        } else {
+            let key = ruby.get_inner(&TARGETING_KEY_STRING);
+            match RHash::from_value(fields) {
+                Some(h) => h.get(key).unwrap_or(nil),
+                None => fields.funcall(LazyId::get_inner_with(&AREF, ruby), (key,))?,
+            }
+        };
+        Ok(Hook {
+            args: Args {
+                flag,
+                variant,
+                allocation: either(ALLOCATION_KEY),
+                targeting_key,
+                // The context is only read with consent: not handed over otherwise.
+                context: if full_data { fields } else { nil },
+                error_code,
+                error_message,
+                timestamp_ms: either(TIMESTAMP_KEY),
+                full_data,
+                from_hook: true,
+            },
+            fields,
+        })
+    }
+
+    /// The value of each of `METADATA_KEYS` in `flag_metadata` (None:
+    /// absent, or no metadata).
+    fn metadata(ruby: &Ruby, meta: Value) -> Result<[Option<Value>; 5], Error> {
+        let mut found = [None; METADATA_KEYS.len()];
+        if meta.is_nil() {
+            return Ok(found);
+        }
+        match RHash::from_value(meta) {
+            Some(h) if h.len() <= SMALL_METADATA => {
+                // Only reads: no Ruby code runs (see `each_pair`).
+                convert::each_pair(h, |k, v| {
+                    if let Some(k) = RString::from_value(k) {
+                        // SAFETY: compared before any Ruby code can run.
+                        let k = unsafe { k.as_slice() };
+                        if let Some(i) = METADATA_KEYS.iter().position(|m| m.as_bytes() == k) {
+                            found[i] = Some(v);
+                        }
+                    }
+                    true
+                });
+            }
+            Some(h) => {
+                for (slot, key) in found.iter_mut().zip(METADATA_KEYS) {
+                    *slot = h.get(ruby.str_new(key));
+                }
+            }
+            None => {
+                for (slot, key) in found.iter_mut().zip(METADATA_KEYS) {
+                    let v: Value = meta.funcall(LazyId::get_inner_with(&AREF, ruby), (key,))?;
+                    *slot = (!v.is_nil()).then_some(v);
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
 impl FlagEvaluations {
     fn native_new(ruby: &Ruby, opts: RHash) -> Result<FlagEvaluations, Error> {
         let enabled: bool = errors::option(ruby, opts, "enabled")?;
@@ -248,72 +449,55 @@ impl FlagEvaluations {
         else {
             return Err(errors::argument(ruby, "_record takes 10 arguments"));
         };
-        if flag.is_nil() {
-            return Err(errors::argument(ruby, "flag must be a String (got nil)"));
-        }
-        let full_data = full_data.as_raw() == ruby.qtrue().as_raw();
-        let context = if context.is_nil() {
-            None
-        } else {
-            Some(
-                RHash::from_value(context)
-                    .ok_or_else(|| errors::argument(ruby, "context must be a Hash or nil"))?,
-            )
+        let args = Args {
+            flag,
+            variant,
+            allocation,
+            targeting_key,
+            context,
+            error_code,
+            error_message,
+            timestamp_ms,
+            full_data: full_data.as_raw() == ruby.qtrue().as_raw(),
+            from_hook: from_hook.to_bool(),
         };
-        let timestamp_ms = if timestamp_ms.is_nil() {
-            now_ms()
-        } else {
-            let ms = Integer::from_value(timestamp_ms)
-                .and_then(|i| i.to_i64().ok())
-                .filter(|ms| TIMESTAMP_RANGE.contains(ms));
-            match ms {
-                Some(ms) => ms,
-                // Metadata from a provider: not the application's mistake.
-                None if from_hook.to_bool() => now_ms(),
-                // The intake refuses a whole body holding a row outside
-                // this range: refuse the one evaluation instead.
-                None => {
-                    return Err(errors::argument(
-                        ruby,
-                        format!(
-                            "timestamp_ms must be an Integer of milliseconds since the epoch, \
-                             from {} (2025-10-01) to 2^53",
-                            TIMESTAMP_RANGE.start()
-                        ),
-                    ))
-                }
-            }
+        capture(ruby, inner, &args)
+    }
+
+    /// `_record_hook(metadata, fields, flag, variant, error_code,
+    /// error_message, exposures)`: what `OpenFeature::Hook#finally`
+    /// records (see [`Hook`]). Returns `[flag, allocation, variant, targeting_key,
+    /// fields]` when `exposures` is given and the evaluation has an
+    /// allocation, a variant and a targeting key (the hook then records
+    /// the exposure), else nil.
+    fn record_hook(ruby: &Ruby, rb_self: &Self, args: &[Value]) -> Result<Option<RArray>, Error> {
+        let &[meta, fields, flag, variant, error_code, error_message, exposures] = args else {
+            return Err(errors::argument(ruby, "_record_hook takes 7 arguments"));
         };
-        // One buffer for every text and the context (see `flags::packed`),
-        // in its fixed order.
-        let mut p = Packer::new();
-        put_text(ruby, &mut p, flag, "flag")?;
-        put_text(ruby, &mut p, variant, "variant")?;
-        put_text(ruby, &mut p, allocation, "allocation")?;
-        match Integer::from_value(targeting_key) {
-            Some(i) => p.text(&i.to_string()),
-            None => put_text(ruby, &mut p, targeting_key, "targeting_key")?,
+        let expose = exposures.to_bool();
+        if rb_self.inner.is_none() && !expose {
+            return Ok(None);
         }
-        put_text(ruby, &mut p, error_code, "error_code")?;
-        put_text(ruby, &mut p, error_message, "error_message")?;
-        match context {
-            // Without consent no context is kept: not even walked.
-            Some(h) if full_data => {
-                let mut capture = Capture {
-                    ruby,
-                    packer: &mut p,
-                    budget: MAX_CAPTURED_NODES,
-                    ancestors: [0; MAX_DEPTH + 1],
-                    depth: 0,
-                };
-                capture.hash(h, 0, from_hook.to_bool());
-            }
-            _ => {
-                let empty = p.begin_map();
-                p.end(empty, 0);
-            }
+        let hook = Hook::read(
+            ruby,
+            [flag, variant, error_code, error_message],
+            meta,
+            fields,
+        )?;
+        if let Some(inner) = &rb_self.inner {
+            capture(ruby, inner, &hook.args)?;
         }
-        Ok(inner.record(p.finish(timestamp_ms, full_data)))
+        let a = &hook.args;
+        if !(expose && a.allocation.to_bool() && a.variant.to_bool() && a.targeting_key.to_bool()) {
+            return Ok(None);
+        }
+        Ok(Some(ruby.ary_new_from_values(&[
+            a.flag,
+            a.allocation,
+            a.variant,
+            a.targeting_key,
+            hook.fields,
+        ])))
     }
 
     /// Counts a failure of the OpenFeature hook (logged once).
@@ -378,6 +562,7 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     let class = module.define_class("FlagEvaluations", ruby.class_object())?;
     class.define_singleton_method("_native_new", function!(FlagEvaluations::native_new, 1))?;
     class.define_method("_record", method!(FlagEvaluations::record, -1))?;
+    class.define_method("_record_hook", method!(FlagEvaluations::record_hook, -1))?;
     class.define_method("_hook_failed", method!(FlagEvaluations::hook_failed, 1))?;
     class.define_method("_flush", method!(FlagEvaluations::flush, 1))?;
     class.define_method("_stop", method!(FlagEvaluations::stop_worker, 0))?;

@@ -15,15 +15,13 @@ module Exporter
     # Only `finally` is implemented. It reads the flag key, variant, error
     # code and message and `flag_metadata` from `evaluation_details`, and the
     # targeting key and fields from `hook_context.evaluation_context` (either
-    # may be nil). It only captures, on the caller's thread; it never raises
-    # into the application: a failure is counted in
+    # may be nil); `FlagEvaluations#_record_hook` reads the metadata and the
+    # fields natively (it holds the metadata keys: `__dd_allocation_key` or
+    # `allocationKey`, `__dd_eval_timestamp_ms` or `dd.eval.timestamp_ms`,
+    # `observe_full_evaluation_data`) and records, in one call. It only captures, on the caller's
+    # thread; it never raises into the application: a failure is counted in
     # `evaluations.stats[:hook_failures]` and logged once.
     class Hook
-      ALLOCATION_KEY = "__dd_allocation_key"
-      ALLOCATION_KEY_ALT = "allocationKey"
-      TIMESTAMP_KEY = "__dd_eval_timestamp_ms"
-      TIMESTAMP_KEY_ALT = "dd.eval.timestamp_ms"
-      CONSENT_KEY = "observe_full_evaluation_data"
       TARGETING_KEY = "targeting_key"
 
       attr_reader :evaluations, :exposures
@@ -38,25 +36,16 @@ module Exporter
         @exposures = exposures
       end
 
-      def finally(hook_context:, evaluation_details:, **)
-        meta = evaluation_details.flag_metadata
-        allocation = nil
-        timestamp = nil
-        full = false
-        if meta && !meta.empty?
-          allocation = meta[ALLOCATION_KEY] || meta[ALLOCATION_KEY_ALT]
-          timestamp = meta[TIMESTAMP_KEY] || meta[TIMESTAMP_KEY_ALT]
-          timestamp = nil unless timestamp.is_a?(Integer)
-          full = meta[CONSENT_KEY] == true
-        end
+      # Takes the keywords the SDK passes (its own `Hooks::Hook` module
+      # declares the same ones): named, not `**`, which would allocate a
+      # Hash per call. `hints` is not used.
+      def finally(hook_context:, evaluation_details:, hints: nil)
+        d = evaluation_details
+        meta = d.flag_metadata
         fields = hook_context.evaluation_context&.fields
-        targeting_key = fields && fields[TARGETING_KEY]
-        variant = evaluation_details.variant
-        flag = evaluation_details.flag_key
-        # The context is only read with consent: do not hand it over otherwise.
-        @evaluations._record(flag, variant, allocation, targeting_key, full ? fields : nil,
-                             evaluation_details.error_code, evaluation_details.error_message, timestamp, full, true)
-        expose(flag, allocation, variant, targeting_key, fields) if @exposures && allocation && variant && targeting_key
+        exposure = @evaluations._record_hook(meta, fields, d.flag_key, d.variant, d.error_code, d.error_message,
+                                             @exposures)
+        expose(*exposure) if exposure
         nil
       rescue StandardError => e
         @evaluations._hook_failed("#{e.class}: #{e.message}")
