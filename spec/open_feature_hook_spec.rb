@@ -144,13 +144,15 @@ RSpec.describe Exporter::OpenFeature::Hook do
     expect(disabled.stats).to include(recorded: 0, hook_failures: 0)
   end
 
-  it "takes the keywords the SDK passes; hints are optional" do
+  it "takes the keywords the SDK passes, hints optional, and ignores others (older and future SDKs)" do
     hook = described_class.new(evaluations: evals)
     details = SdkShapes.details(flag: "f")
     expect(hook.finally(hook_context: SdkShapes.hook_context("f", nil), evaluation_details: details)).to be_nil
     expect(hook.finally(hook_context: SdkShapes.hook_context("f", nil), evaluation_details: details,
                         hints: { "k" => 1 })).to be_nil
-    expect(evals.stats).to include(recorded: 2, hook_failures: 0)
+    expect(hook.finally(hook_context: SdkShapes.hook_context("f", nil), evaluation_details: details,
+                        hook_hints: {}, something_new: 1)).to be_nil
+    expect(evals.stats).to include(recorded: 3, hook_failures: 0)
   end
 
   it "never raises into the application: failures are counted" do
