@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 mod event;
 
+#[cfg(test)]
+pub(crate) use event::tests::sample as sample_exposure;
 pub use event::{Exposure, Packer, MIN_SIZE};
 
 /// Dedup entries un-marked in this process so far (events refused for

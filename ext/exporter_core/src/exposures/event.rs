@@ -62,10 +62,7 @@ pub struct View<'a> {
 /// The subject attributes: an iterator of (key, value), serialized as a
 /// JSON object.
 #[derive(Clone, Copy, Default)]
-pub struct Attributes<'a> {
-    left: usize,
-    bytes: &'a [u8],
-}
+pub struct Attributes<'a>(Cursor<'a>);
 
 /// An attribute value, borrowed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,7 +76,11 @@ pub enum Value<'a> {
 
 /// An array's values: an iterator, serialized as a JSON array.
 #[derive(Clone, Copy)]
-pub struct Items<'a> {
+pub struct Items<'a>(Cursor<'a>);
+
+/// `left` items still to read from `bytes`, at `depth`.
+#[derive(Clone, Copy, Default)]
+struct Cursor<'a> {
     left: usize,
     depth: usize,
     bytes: &'a [u8],
@@ -107,11 +108,11 @@ fn value<'a>(d: &mut Dec<'a>, depth: usize) -> Result<Value<'a>, WireError> {
             for _ in 0..n {
                 value(d, depth + 1)?;
             }
-            Value::Array(Items {
+            Value::Array(Items(Cursor {
                 left: n,
                 depth: depth + 1,
                 bytes: &start[..start.len() - d.buf.len()],
-            })
+            }))
         }
         _ => return Err(d.err()),
     })
@@ -134,33 +135,45 @@ fn read<'a>(d: &mut Dec<'a>) -> Result<View<'a>, WireError> {
         allocation,
         variant,
         subject_id,
-        attributes: Attributes {
+        attributes: Attributes(Cursor {
             left: n,
+            depth: 0,
             bytes: &start[..start.len() - d.buf.len()],
-        },
+        }),
     })
 }
 
-impl<'a> Iterator for Attributes<'a> {
-    type Item = (&'a str, Value<'a>);
-
-    fn next(&mut self) -> Option<Self::Item> {
+impl<'a> Cursor<'a> {
+    /// The next of the `left` items, read by `read` (checked when the
+    /// event was made: an error cannot happen, and would end the items).
+    fn next_with<T>(
+        &mut self,
+        read: impl FnOnce(&mut Dec<'a>, usize) -> Result<T, WireError>,
+    ) -> Option<T> {
         if self.left == 0 {
             return None;
         }
         self.left -= 1;
         let mut d = dec(self.bytes);
-        // Checked when the event was made: an error cannot happen.
-        let item = (|| Ok::<_, WireError>((d.text()?, value(&mut d, 0)?)))().ok();
+        let item = read(&mut d, self.depth).ok();
         self.bytes = d.buf;
         if item.is_none() {
             self.left = 0;
         }
         item
     }
+}
+
+impl<'a> Iterator for Attributes<'a> {
+    type Item = (&'a str, Value<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0
+            .next_with(|d, depth| Ok((d.text()?, value(d, depth)?)))
+    }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        (0, Some(self.left))
+        (0, Some(self.0.left))
     }
 }
 
@@ -168,21 +181,11 @@ impl<'a> Iterator for Items<'a> {
     type Item = Value<'a>;
 
     fn next(&mut self) -> Option<Value<'a>> {
-        if self.left == 0 {
-            return None;
-        }
-        self.left -= 1;
-        let mut d = dec(self.bytes);
-        let item = value(&mut d, self.depth).ok();
-        self.bytes = d.buf;
-        if item.is_none() {
-            self.left = 0;
-        }
-        item
+        self.0.next_with(value)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        (0, Some(self.left))
+        (0, Some(self.0.left))
     }
 }
 
@@ -374,30 +377,29 @@ impl Packer {
 
     #[inline]
     pub fn bool(&mut self, b: bool) {
-        let mut e = Enc(&mut self.buf);
-        e.u8(BOOL);
-        e.u8(u8::from(b));
+        self.tagged(BOOL, &[u8::from(b)]);
     }
 
     #[inline]
     pub fn int(&mut self, i: i64) {
-        let mut e = Enc(&mut self.buf);
-        e.u8(INT);
-        e.i64(i);
+        self.tagged(INT, &i.to_le_bytes());
     }
 
     #[inline]
     pub fn float(&mut self, f: f64) {
-        let mut e = Enc(&mut self.buf);
-        e.u8(FLOAT);
-        e.u64(f.to_bits());
+        self.tagged(FLOAT, &f.to_bits().to_le_bytes());
     }
 
     /// An array of `n` values: the values follow.
     fn array_head(&mut self, n: usize) {
-        let mut e = Enc(&mut self.buf);
-        e.u8(ARRAY);
-        e.u32(n as u32);
+        self.tagged(ARRAY, &(n as u32).to_le_bytes());
+    }
+
+    /// A value of fixed size: its tag, then its bytes.
+    #[inline]
+    fn tagged(&mut self, tag: u8, bytes: &[u8]) {
+        self.buf.push(tag);
+        self.buf.extend_from_slice(bytes);
     }
 
     #[inline]
@@ -428,10 +430,11 @@ impl Packer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> Exposure {
+    /// An exposure with every kind of attribute value.
+    pub(crate) fn sample() -> Exposure {
         Exposure::new(
             1_700_000_000_000,
             "flag",

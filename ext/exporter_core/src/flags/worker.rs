@@ -160,7 +160,10 @@ pub fn now_ms() -> i64 {
     // SAFETY: `ts` is a valid place for the result; CLOCK_REALTIME always
     // exists, so the call cannot fail.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    ts.tv_sec as i64 * 1000 + ts.tv_nsec as i64 / 1_000_000
+    // `time_t` and `c_long` are i64 here, narrower on some targets.
+    #[allow(clippy::unnecessary_cast)]
+    let ms = ts.tv_sec as i64 * 1000 + ts.tv_nsec as i64 / 1_000_000;
+    ms
 }
 
 impl EvaluationWorker {

@@ -864,23 +864,7 @@ mod tests {
 
         let x = Exposures {
             route: route(),
-            events: vec![Exposure::new(
-                1_700_000_000_000,
-                "f",
-                "a",
-                "v",
-                "u-1",
-                &[
-                    ("plan".into(), AttributeValue::String("pro".into())),
-                    ("age".into(), AttributeValue::Int(-3)),
-                    ("ratio".into(), AttributeValue::Float(0.5)),
-                    ("beta".into(), AttributeValue::Bool(true)),
-                    (
-                        "list".into(),
-                        AttributeValue::Array(vec![AttributeValue::Int(1)]),
-                    ),
-                ],
-            )],
+            events: vec![exposures::sample_exposure(), exposures::sample_exposure()],
         };
         assert_eq!(Exposures::decode(&x.encode()), Ok(x));
 
