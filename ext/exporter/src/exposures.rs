@@ -207,7 +207,11 @@ impl Exposures {
             return Ok(false);
         };
         // New: each text copied once, into the event's one buffer.
-        let capacity = MIN_SIZE + text_bytes + attributes.map_or(0, |h| h.len() * ATTRIBUTE_BYTES);
+        // A guess (a hostile Hash of millions of entries reserves no more
+        // than a request can carry: such an event grows as it is written).
+        let capacity =
+            (MIN_SIZE + text_bytes + attributes.map_or(0, |h| h.len() * ATTRIBUTE_BYTES))
+                .min(exposures::MAX_PAYLOAD);
         let mut p = Packer::new(capacity, timestamp_ms.unwrap_or_else(now_ms));
         let left_out = (|| {
             put_text(ruby, &mut p, flag, "flag")?;
