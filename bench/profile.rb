@@ -10,8 +10,11 @@
 #   callgrind_annotate callgrind.out.PID | head
 #
 # Instructions per span = the total in the toggled function / (TRACES * 50).
-# `ruby bench/profile.rb exposures` profiles Exposures#record instead
-# (toggle 'exporter::exposures::Exposures::record*').
+# `ruby bench/profile.rb exposures COUNT [new|dedup]` profiles
+# Exposures#record instead: COUNT new assignments (3 attributes), then
+# COUNT duplicates, or only one kind (toggle 'exporter::exposures::init::anon*',
+# magnus's wrapper, into which `_record` is inlined; per call = total / COUNT
+# for one kind).
 $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
 require "exporter"
 require_relative "workload"
@@ -21,11 +24,19 @@ count = Integer(ARGV.fetch(1, "200"))
 if shape == "exposures"
   e = Exporter::Exposures.new(url: "http://127.0.0.1:9", flush_interval: 3600, buffer_size: 100_000)
   attrs = { "plan" => "pro", "country" => "fr", "age" => 30 }
-  count.times do |i|
-    e.record(flag: "checkout", allocation: "rollout", variant: "on", subject_id: "user-#{i}", subject_attributes: attrs)
+  kind = ARGV[2]
+  # Made before the profiled calls: only #record is measured.
+  ids = Array.new(count) { |i| "user-#{i}" }
+  if kind != "dedup"
+    count.times do |i|
+      e.record(flag: "checkout", allocation: "rollout", variant: "on", subject_id: ids[i], subject_attributes: attrs)
+    end
   end
-  count.times do
+  if kind != "new"
     e.record(flag: "checkout", allocation: "rollout", variant: "on", subject_id: "user-1", subject_attributes: attrs)
+    count.times do
+      e.record(flag: "checkout", allocation: "rollout", variant: "on", subject_id: "user-1", subject_attributes: attrs)
+    end
   end
   p e.stats
   exit!(0)
