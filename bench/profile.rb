@@ -10,11 +10,8 @@
 #   callgrind_annotate callgrind.out.PID | head
 #
 # Instructions per span = the total in the toggled function / (TRACES * 50).
-# `ruby bench/profile.rb exposures COUNT [new|dedup]` profiles
-# Exposures#record instead: COUNT new assignments (3 attributes), then
-# COUNT duplicates, or only one kind (toggle 'exporter::exposures::init::anon*',
-# magnus's wrapper, into which `_record` is inlined; per call = total / COUNT
-# for one kind).
+# `ruby bench/profile.rb exposures` profiles Exposures#record instead
+# (toggle 'exporter::exposures::Exposures::record*').
 $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
 require "exporter"
 require_relative "workload"
@@ -22,6 +19,10 @@ require_relative "workload"
 shape = ARGV.fetch(0, "random64")
 count = Integer(ARGV.fetch(1, "200"))
 if shape == "exposures"
+  # `exposures COUNT [new|dedup]`: COUNT new assignments (3 attributes),
+  # then COUNT duplicates, or only one kind. `_record` is inlined into
+  # magnus's wrapper: toggle 'exporter::exposures::init::anon*'; per call =
+  # total / COUNT for one kind.
   e = Exporter::Exposures.new(url: "http://127.0.0.1:9", flush_interval: 3600, buffer_size: 100_000)
   attrs = { "plan" => "pro", "country" => "fr", "age" => 30 }
   kind = ARGV[2]
