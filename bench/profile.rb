@@ -26,13 +26,25 @@ require_relative "workload"
 shape = ARGV.fetch(0, "random64")
 count = Integer(ARGV.fetch(1, "200"))
 if shape == "exposures"
+  # `exposures COUNT [new|dedup]`: COUNT new assignments (3 attributes),
+  # then COUNT duplicates, or only one kind. `_record` is inlined into
+  # magnus's wrapper: toggle 'exporter::exposures::init::anon*'; per call =
+  # total / COUNT for one kind.
   e = Exporter::Exposures.new(url: "http://127.0.0.1:9", flush_interval: 3600, buffer_size: 100_000)
   attrs = { "plan" => "pro", "country" => "fr", "age" => 30 }
-  count.times do |i|
-    e.record(flag: "checkout", allocation: "rollout", variant: "on", subject_id: "user-#{i}", subject_attributes: attrs)
+  kind = ARGV[2]
+  # Made before the profiled calls: only #record is measured.
+  ids = Array.new(count) { |i| "user-#{i}" }
+  if kind != "dedup"
+    count.times do |i|
+      e.record(flag: "checkout", allocation: "rollout", variant: "on", subject_id: ids[i], subject_attributes: attrs)
+    end
   end
-  count.times do
+  if kind != "new"
     e.record(flag: "checkout", allocation: "rollout", variant: "on", subject_id: "user-1", subject_attributes: attrs)
+    count.times do
+      e.record(flag: "checkout", allocation: "rollout", variant: "on", subject_id: "user-1", subject_attributes: attrs)
+    end
   end
   p e.stats
   exit!(0)

@@ -24,7 +24,6 @@ module Exporter
     DEFAULT_BUFFER_SIZE = 65_536
     DEFAULT_DEDUP_CACHE_SIZE = 65_536
     MAX_PAYLOAD_SIZE = 5 * 1024 * 1024
-    EMPTY_ATTRIBUTES = {}.freeze
     # What `ExitFlush` calls the items it could not send.
     UNSENT_NOUN = "exposures"
 
@@ -46,7 +45,8 @@ module Exporter
     # ArgumentError naming the field for a non-String flag, allocation or
     # variant. Attribute values other than String, Integer, Float, true and
     # false are left out and counted in `stats[:attributes_dropped]`.
-    def record(flag:, allocation:, variant:, subject_id:, subject_attributes: EMPTY_ATTRIBUTES, timestamp_ms: nil)
+    # (Defaults are nil: a static default costs the call nothing.)
+    def record(flag:, allocation:, variant:, subject_id:, subject_attributes: nil, timestamp_ms: nil)
       _record(flag, allocation, variant, subject_id, subject_attributes, timestamp_ms)
     end
 

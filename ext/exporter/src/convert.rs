@@ -18,8 +18,11 @@ use exporter_core::span::{
 };
 use magnus::encoding::Coderange;
 use magnus::encoding::EncodingCapable;
+use magnus::typed_data::TypedData;
 use magnus::value::ReprValue;
-use magnus::{Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, TryConvert, Value};
+use magnus::{
+    DataType, Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, TryConvert, Value,
+};
 
 use crate::errors;
 use magnus::rb_sys::{AsRawValue, FromRawValue};
@@ -755,32 +758,59 @@ fn meta_struct_value(ruby: &Ruby, v: Value) -> Result<Vec<u8>, Problem> {
     Ok(m.out)
 }
 
-/// A primitive attribute value: String, Integer (64-bit), Float, true,
-/// false.
-fn scalar(ruby: &Ruby, v: Value) -> Result<AttributeValue, Problem> {
+/// A primitive attribute value as read: a String's text is left in Ruby,
+/// for the caller to copy where it goes.
+pub(crate) enum Scalar {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    String(RString),
+}
+
+/// Reads a primitive attribute value: String, Integer (64-bit), Float,
+/// true, false.
+pub(crate) fn scalar_of(ruby: &Ruby, v: Value) -> Result<Scalar, Problem> {
     if v.as_raw() == ruby.qtrue().as_value().as_raw() {
-        return Ok(AttributeValue::Bool(true));
+        return Ok(Scalar::Bool(true));
     }
     if v.as_raw() == ruby.qfalse().as_value().as_raw() {
-        return Ok(AttributeValue::Bool(false));
+        return Ok(Scalar::Bool(false));
     }
     if let Some(i) = fixnum(v) {
-        return Ok(AttributeValue::Int(i));
+        return Ok(Scalar::Int(i));
+    }
+    if let Some(s) = RString::from_value(v) {
+        return Ok(Scalar::String(s));
     }
     if let Some(i) = Integer::from_value(v) {
         return i
             .to_i64()
-            .map(AttributeValue::Int)
+            .map(Scalar::Int)
             .map_err(|_| "is out of 64-bit range".into());
     }
     if let Some(f) = Float::from_value(v) {
-        return Ok(AttributeValue::Float(f.to_f64()));
+        return Ok(Scalar::Float(f.to_f64()));
     }
-    string(ruby, v).map(AttributeValue::String).map_err(|_| {
-        expected(
-            "a String, Integer, Float, true, false or an Array of those",
-            v,
-        )
+    Err(not_scalar(v))
+}
+
+fn not_scalar(v: Value) -> Problem {
+    expected(
+        "a String, Integer, Float, true, false or an Array of those",
+        v,
+    )
+}
+
+/// A primitive attribute value (see [`scalar_of`]), copied.
+fn scalar(ruby: &Ruby, v: Value) -> Result<AttributeValue, Problem> {
+    Ok(match scalar_of(ruby, v)? {
+        Scalar::Bool(b) => AttributeValue::Bool(b),
+        Scalar::Int(i) => AttributeValue::Int(i),
+        Scalar::Float(f) => AttributeValue::Float(f),
+        Scalar::String(s) => {
+            let s = s.as_value();
+            AttributeValue::String(string(ruby, s).map_err(|_| not_scalar(s))?)
+        }
     })
 }
 
@@ -863,6 +893,30 @@ impl Field {
 static FIELD_SYMBOLS: std::sync::OnceLock<Vec<(rb_sys::VALUE, Field)>> = std::sync::OnceLock::new();
 
 /// Interns the field symbols; called once at load.
+/// The Rust value a method's receiver wraps, read from the object: its
+/// data type is checked by address, without magnus's checked conversion
+/// (an `rb_protect` frame around `rb_check_typeddata` on every call). Any
+/// other object goes through that conversion (and gets its TypeError).
+pub(crate) fn receiver<'a, T: TypedData>(v: Value) -> Result<&'a T, Error> {
+    let raw = v.as_raw();
+    let ours = T::data_type() as *const DataType as *const rb_sys::rb_data_type_t;
+    // SAFETY: each check guards the next read: a T_DATA object, typed,
+    // whose data type is T's (`DataType` is a transparent
+    // `rb_data_type_t`); its data is then the `T` magnus boxed, alive as
+    // long as the receiver, which is on the caller's stack.
+    unsafe {
+        if rb_sys::RB_TYPE_P(raw, rb_sys::ruby_value_type::RUBY_T_DATA)
+            && rb_sys::RTYPEDDATA_P(raw)
+            && std::ptr::eq(rb_sys::RTYPEDDATA_TYPE(raw), ours)
+        {
+            if let Some(t) = (rb_sys::RTYPEDDATA_GET_DATA(raw) as *const T).as_ref() {
+                return Ok(t);
+            }
+        }
+    }
+    <&T>::try_convert(v)
+}
+
 pub fn init(ruby: &Ruby) {
     foreach_fn();
     FIELD_SYMBOLS.get_or_init(|| {

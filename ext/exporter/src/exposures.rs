@@ -7,17 +7,16 @@ use std::sync::Arc;
 
 use exporter_core::batch::BatchWorker;
 use exporter_core::exposures::{
-    self, Context, DedupKey, EvpSink, Exposure, ExposureWorker, FLUSH_AT,
+    self, Context, DedupKey, EvpSink, ExposureWorker, Packer, FLUSH_AT, MIN_SIZE,
 };
+use exporter_core::flags::worker::now_ms;
 use exporter_core::sidecar::sink::Sidecar;
-use exporter_core::span::AttributeValue;
 use exporter_core::worker;
 use magnus::value::ReprValue;
-use magnus::{
-    function, method, prelude::*, Error, Integer, RArray, RHash, RModule, RString, Ruby, Value,
-};
+use magnus::{function, method, prelude::*, Error, Integer, RHash, RModule, RString, Ruby, Value};
 
-use crate::{convert, errors, writer};
+use crate::convert::{self, Scalar};
+use crate::{errors, writer};
 
 #[magnus::wrap(class = "Exporter::Exposures", free_immediately, size)]
 pub struct Exposures {
@@ -43,9 +42,11 @@ fn bytes<'a>(ruby: &Ruby, v: Value, field: &str) -> Result<&'a [u8], Error> {
     })
 }
 
-/// A String argument's text, as UTF-8 (the one copy the new path makes).
-fn text(ruby: &Ruby, v: Value, field: &str) -> Result<String, Error> {
-    convert::string(ruby, v).map_err(|p| errors::argument(ruby, format!("{field} {p}")))
+/// Copies a String argument's text, as UTF-8, into the event (the one
+/// copy the new path makes); the error names the field.
+fn put_text(ruby: &Ruby, p: &mut Packer, v: Value, field: &str) -> Result<(), Error> {
+    convert::with_text(ruby, v, |s| p.text(s))
+        .map_err(|problem| errors::argument(ruby, format!("{field} {problem}")))
 }
 
 /// A subject id: a String, or an Integer written in decimal.
@@ -72,40 +73,61 @@ impl SubjectId<'_> {
         }
     }
 
-    fn into_string(self, ruby: &Ruby) -> Result<String, Error> {
+    fn put(&self, ruby: &Ruby, p: &mut Packer) -> Result<(), Error> {
         match self {
-            SubjectId::Text(v, _) => text(ruby, v, "subject_id"),
-            SubjectId::Number(s) => Ok(s),
+            SubjectId::Text(v, _) => put_text(ruby, p, *v, "subject_id"),
+            SubjectId::Number(s) => {
+                p.text(s);
+                Ok(())
+            }
         }
     }
 }
 
-/// A primitive attribute value (String, Integer, Float, true, false), or
-/// `None`: left out and counted. Nothing nested is walked: an Array or a
-/// Hash (cyclic or not, however deep) is left out as it is.
-fn attribute(ruby: &Ruby, v: Value) -> Option<AttributeValue> {
-    if RArray::from_value(v).is_some() || RHash::from_value(v).is_some() {
-        return None;
-    }
-    convert::attribute(ruby, v).ok()
-}
+/// Bytes an attribute is expected to take packed (the buffer grows for
+/// longer ones): a short key and value.
+const ATTRIBUTE_BYTES: usize = 32;
 
-/// The subject attributes, copied once; and how many were left out.
-fn attributes(ruby: &Ruby, h: Option<RHash>) -> (Vec<(String, AttributeValue)>, u64) {
-    let mut attrs = Vec::new();
+/// Packs the subject attributes whose value is a primitive (String,
+/// Integer, Float, true, false); returns how many were left out. Nothing
+/// nested is walked: an Array or a Hash (cyclic or not, however deep) is
+/// left out as it is. Read without an `rb_protect` frame: the callback
+/// only reads.
+fn put_attributes(ruby: &Ruby, p: &mut Packer, h: Option<RHash>) -> u64 {
+    p.begin_attributes();
     let mut left_out = 0u64;
     if let Some(h) = h {
-        attrs.reserve(h.len());
-        // Read without an rb_protect frame: the callback only reads.
         convert::each_pair(h, |k, v| {
-            match (convert::key(ruby, k), attribute(ruby, v)) {
-                (Ok(k), Some(v)) => attrs.push((k, v)),
-                _ => left_out += 1,
+            if !put_attribute(ruby, p, k, v) {
+                left_out += 1;
             }
             true
         });
     }
-    (attrs, left_out)
+    left_out
+}
+
+/// Packs one attribute; false (nothing written) when it is left out.
+fn put_attribute(ruby: &Ruby, p: &mut Packer, k: Value, v: Value) -> bool {
+    let Ok(value) = convert::scalar_of(ruby, v) else {
+        return false;
+    };
+    let mark = p.mark();
+    if convert::key_with(ruby, k, |s| p.key(s)).is_err() {
+        return false;
+    }
+    match value {
+        Scalar::Bool(b) => p.bool(b),
+        Scalar::Int(i) => p.int(i),
+        Scalar::Float(f) => p.float(f),
+        Scalar::String(s) => {
+            if convert::with_text(ruby, s.as_value(), |s| p.string(s)).is_err() {
+                p.truncate(mark);
+                return false;
+            }
+        }
+    }
+    true
 }
 
 impl Exposures {
@@ -141,7 +163,7 @@ impl Exposures {
     #[allow(clippy::too_many_arguments)]
     fn record(
         ruby: &Ruby,
-        rb_self: &Self,
+        rb_self: Value,
         flag: Value,
         allocation: Value,
         variant: Value,
@@ -149,27 +171,29 @@ impl Exposures {
         attributes: Value,
         timestamp_ms: Value,
     ) -> Result<bool, Error> {
+        let this = convert::receiver::<Exposures>(rb_self)?;
         // Arguments are checked and hashed as they are: a duplicate (the
         // common case) costs a hash and a lookup, and copies nothing.
         // The subject first: a Bignum id allocates its decimal String.
         let subject = SubjectId::read(ruby, subject_id)?;
-        let key = DedupKey::new(
+        let texts = [
             bytes(ruby, flag, "flag")?,
             subject.bytes(),
             bytes(ruby, allocation, "allocation")?,
             bytes(ruby, variant, "variant")?,
-        );
+        ];
+        let key = DedupKey::new(texts[0], texts[1], texts[2], texts[3]);
+        let text_bytes: usize = texts.iter().map(|t| t.len()).sum();
         let timestamp_ms = if timestamp_ms.is_nil() {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0)
+            None
         } else {
-            Integer::from_value(timestamp_ms)
-                .and_then(|i| i.to_i64().ok())
-                .ok_or_else(|| {
-                    errors::argument(ruby, "timestamp_ms must be an Integer (milliseconds)")
-                })?
+            Some(
+                Integer::from_value(timestamp_ms)
+                    .and_then(|i| i.to_i64().ok())
+                    .ok_or_else(|| {
+                        errors::argument(ruby, "timestamp_ms must be an Integer (milliseconds)")
+                    })?,
+            )
         };
         let attributes = if attributes.is_nil() {
             None
@@ -179,30 +203,32 @@ impl Exposures {
                     .ok_or_else(|| errors::argument(ruby, "subject_attributes must be a Hash"))?,
             )
         };
-        let Some(admitted) = exposures::admit(&rb_self.inner, key) else {
+        let Some(admitted) = exposures::admit(&this.inner, key) else {
             return Ok(false);
         };
-        // New: one copy of each string, into the event.
-        let event = (|| {
-            let (attributes, left_out) = self::attributes(ruby, attributes);
-            Ok::<_, Error>((
-                Exposure {
-                    timestamp_ms,
-                    flag: text(ruby, flag, "flag")?,
-                    allocation: text(ruby, allocation, "allocation")?,
-                    variant: text(ruby, variant, "variant")?,
-                    subject_id: subject.into_string(ruby)?,
-                    attributes,
-                },
-                left_out,
-            ))
+        // New: each text copied once, into the event's one buffer.
+        // A guess (a hostile Hash of millions of entries reserves no more
+        // than a request can carry: such an event grows as it is written).
+        let capacity =
+            (MIN_SIZE + text_bytes + attributes.map_or(0, |h| h.len() * ATTRIBUTE_BYTES))
+                .min(exposures::MAX_PAYLOAD);
+        let mut p = Packer::new(capacity, timestamp_ms.unwrap_or_else(now_ms));
+        let left_out = (|| {
+            put_text(ruby, &mut p, flag, "flag")?;
+            put_text(ruby, &mut p, allocation, "allocation")?;
+            put_text(ruby, &mut p, variant, "variant")?;
+            subject.put(ruby, &mut p)?;
+            Ok::<_, Error>(put_attributes(ruby, &mut p, attributes))
         })();
-        match event {
-            Ok((event, left_out)) => {
-                Ok(exposures::queue(&rb_self.inner, admitted, event, left_out))
-            }
+        match left_out {
+            Ok(left_out) => Ok(exposures::queue(
+                &this.inner,
+                admitted,
+                p.finish(),
+                left_out,
+            )),
             Err(e) => {
-                exposures::unadmit(&rb_self.inner, admitted);
+                exposures::unadmit(&this.inner, admitted);
                 Err(e)
             }
         }

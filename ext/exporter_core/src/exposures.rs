@@ -25,11 +25,16 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::agent::{Post, SendReport};
 use crate::batch::{BatchSink, BatchWorker};
-use crate::encode::{MapOf, One, SeqOf};
+use crate::encode::One;
 use crate::http::{Client, Endpoint, UrlError};
 use crate::retry::RetryPolicy;
-use crate::span::AttributeValue;
 use tokio_util::sync::CancellationToken;
+
+mod event;
+
+#[cfg(test)]
+pub(crate) use event::tests::sample as sample_exposure;
+pub use event::{Exposure, Packer, MIN_SIZE};
 
 /// Dedup entries un-marked in this process so far (events refused for
 /// good or dropped after being admitted). A listener sends it with every
@@ -46,17 +51,6 @@ pub const EXPOSURES_PATH: &str = "/evp_proxy/v2/api/v2/exposures";
 pub const MAX_PAYLOAD: usize = 5 * 1024 * 1024;
 /// Exposures waiting that trigger an early flush.
 pub const FLUSH_AT: usize = 1_000;
-
-/// One exposure event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Exposure {
-    pub timestamp_ms: i64,
-    pub flag: String,
-    pub allocation: String,
-    pub variant: String,
-    pub subject_id: String,
-    pub attributes: Vec<(String, AttributeValue)>,
-}
 
 /// Service context sent with every payload; empty fields are left out.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -85,6 +79,7 @@ impl DedupKey {
     }
 
     pub fn of(e: &Exposure) -> DedupKey {
+        let e = e.view();
         DedupKey::new(
             e.flag.as_bytes(),
             e.subject_id.as_bytes(),
@@ -119,14 +114,29 @@ fn hash_pair(a: &[u8], b: &[u8]) -> u128 {
             h1 = fold(h1 ^ w, K[2]);
             h2 = fold(h2 ^ w.rotate_left(29), K[3]);
         }
-        let mut tail = [0u8; 8];
-        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-        let w = u64::from_le_bytes(tail) ^ ((s.len() as u64) << 56) ^ (s.len() as u64);
+        let w = tail(chunks.remainder()) ^ ((s.len() as u64) << 56) ^ (s.len() as u64);
         h1 = fold(h1 ^ w, K[2] ^ s.len() as u64);
         h2 = fold(h2 ^ w.rotate_left(29), K[3] ^ s.len() as u64);
     }
     let (h1, h2) = (fold(h1, K[1] ^ h2), fold(h2, K[0] ^ h1));
     (u128::from(h1) << 64) | u128::from(h2)
+}
+
+/// The last 0 to 7 bytes of a string as one word, without a copy loop
+/// (for a given length, distinct bytes give distinct words): 4 to 7 bytes
+/// as two overlapping 4-byte reads, 1 to 3 as the first, middle and last.
+#[inline(always)]
+fn tail(r: &[u8]) -> u64 {
+    let n = r.len();
+    if n >= 4 {
+        let lo = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+        let hi = u32::from_le_bytes([r[n - 4], r[n - 3], r[n - 2], r[n - 1]]);
+        u64::from(lo) | (u64::from(hi) << 32)
+    } else if n > 0 {
+        (u64::from(r[0]) << 16) | (u64::from(r[n / 2]) << 8) | u64::from(r[n - 1])
+    } else {
+        0
+    }
 }
 
 /// A HashMap hasher for keys that already are uniform hashes: folds the
@@ -346,39 +356,27 @@ impl Dedup {
     }
 }
 
-struct Attr<'a>(&'a AttributeValue);
-
-impl Serialize for Attr<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            AttributeValue::String(v) => s.serialize_str(v),
-            AttributeValue::Bool(v) => s.serialize_bool(*v),
-            AttributeValue::Int(v) => s.serialize_i64(*v),
-            AttributeValue::Float(v) => s.serialize_f64(*v),
-            AttributeValue::Array(items) => SeqOf(items, Attr).serialize(s),
-        }
-    }
-}
-
-struct Subject<'a>(&'a Exposure);
+struct Subject<'a>(event::View<'a>);
 
 impl Serialize for Subject<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(2))?;
-        m.serialize_entry("id", &self.0.subject_id)?;
-        m.serialize_entry("attributes", &MapOf(&self.0.attributes, Attr))?;
+        m.serialize_entry("id", self.0.subject_id)?;
+        m.serialize_entry("attributes", &self.0.attributes)?;
         m.end()
     }
 }
 
 impl Serialize for Exposure {
+    /// The intake's event, written from the packed buffer in place.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = self.view();
         let mut m = s.serialize_map(Some(5))?;
-        m.serialize_entry("timestamp", &self.timestamp_ms)?;
-        m.serialize_entry("allocation", &One("key", &self.allocation))?;
-        m.serialize_entry("flag", &One("key", &self.flag))?;
-        m.serialize_entry("variant", &One("key", &self.variant))?;
-        m.serialize_entry("subject", &Subject(self))?;
+        m.serialize_entry("timestamp", &e.timestamp_ms)?;
+        m.serialize_entry("allocation", &One("key", e.allocation))?;
+        m.serialize_entry("flag", &One("key", e.flag))?;
+        m.serialize_entry("variant", &One("key", e.variant))?;
+        m.serialize_entry("subject", &Subject(e))?;
         m.end()
     }
 }
@@ -677,15 +675,10 @@ pub fn unadmit(worker: &Arc<ExposureWorker>, admitted: Admitted) {
 mod tests {
     use super::*;
 
+    use crate::span::AttributeValue;
+
     fn exp(flag: &str, subject: &str, alloc: &str, variant: &str) -> Exposure {
-        Exposure {
-            timestamp_ms: 1_700_000_000_000,
-            flag: flag.into(),
-            allocation: alloc.into(),
-            variant: variant.into(),
-            subject_id: subject.into(),
-            attributes: vec![],
-        }
+        Exposure::new(1_700_000_000_000, flag, alloc, variant, subject, &[])
     }
 
     #[test]
@@ -931,12 +924,18 @@ mod tests {
 
     #[test]
     fn encodes_the_intake_shape_and_omits_empty_context() {
-        let mut e = exp("flag-1", "user-7", "alloc-2", "on");
-        e.attributes = vec![
-            ("country".into(), AttributeValue::String("fr".into())),
-            ("age".into(), AttributeValue::Int(30)),
-            ("beta".into(), AttributeValue::Bool(true)),
-        ];
+        let e = Exposure::new(
+            1_700_000_000_000,
+            "flag-1",
+            "alloc-2",
+            "on",
+            "user-7",
+            &[
+                ("country".into(), AttributeValue::String("fr".into())),
+                ("age".into(), AttributeValue::Int(30)),
+                ("beta".into(), AttributeValue::Bool(true)),
+            ],
+        );
         let ctx = Context {
             service: "svc".into(),
             env: String::new(),
@@ -966,7 +965,7 @@ mod tests {
         let mut events: Vec<Exposure> = (0..100)
             .map(|i| exp("f", &i.to_string(), "a", "v"))
             .collect();
-        events[50].subject_id = "x".repeat(5_000);
+        events[50] = exp("f", &"x".repeat(5_000), "a", "v");
         let (bodies, oversized) = encode(&ctx, &events, 2_000);
         assert_eq!(oversized, [50]);
         let mut ids = Vec::new();

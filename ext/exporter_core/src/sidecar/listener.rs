@@ -1026,14 +1026,14 @@ mod tests {
     fn exposures_frame(url: &str, subject: &str) -> Vec<u8> {
         wire::Exposures {
             route: EvpRoute::new(url, &exposures::Context::default()),
-            events: vec![exposures::Exposure {
-                timestamp_ms: 1_700_000_000_000,
-                flag: "f".into(),
-                allocation: "a".into(),
-                variant: "on".into(),
-                subject_id: subject.into(),
-                attributes: vec![],
-            }],
+            events: vec![exposures::Exposure::new(
+                1_700_000_000_000,
+                "f",
+                "a",
+                "on",
+                subject,
+                &[],
+            )],
         }
         .encode()
     }

@@ -164,11 +164,7 @@ impl BatchSink<Exposure> for Sidecar<EvpSink> {
         client::blocking(|| {
             while offset < batch.len() {
                 let end = (offset + EXPOSURES_PER_FRAME).min(batch.len());
-                let frame = wire::Exposures {
-                    route: route.clone(),
-                    events: batch[offset..end].to_vec(),
-                }
-                .encode();
+                let frame = wire::Exposures::encode_events(&route, &batch[offset..end]);
                 if client.handover(Kind::Exposures, &frame).is_err() {
                     COUNTERS.fallback_batches.fetch_add(1, Ordering::Relaxed);
                     break;

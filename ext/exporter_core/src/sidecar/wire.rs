@@ -27,10 +27,9 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::exposures::{Context, Exposure};
+use crate::exposures::{self, Context, Exposure};
 use crate::flags::aggregate::{Counts, Row, RowKey, Tier};
 use crate::flags::context::Canonical;
-use crate::span::AttributeValue;
 
 /// First bytes of a [`Hello`] and a [`Welcome`].
 pub const MAGIC: [u8; 4] = *b"EXSC";
@@ -45,9 +44,6 @@ pub const FRAME_PREFIX: usize = 4 + FRAME_HEAD;
 pub const MAX_FRAME: usize = 5 * 1024 * 1024 + 64 * 1024;
 /// The largest handshake message.
 const MAX_HANDSHAKE_TEXT: usize = 1024;
-/// Nesting allowed in attribute arrays (exposure attributes are flat;
-/// this bounds what a peer can make us recurse through).
-const MAX_ATTRIBUTE_DEPTH: usize = 4;
 
 /// What is wrong with bytes received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -399,28 +395,50 @@ pub struct Evaluations {
     pub rows: Vec<Row>,
 }
 
-/// Appends primitives.
-struct Enc<'a>(&'a mut Vec<u8>);
+/// Appends primitives (also the layout of a packed
+/// [`Exposure`](crate::exposures::Exposure)).
+pub(crate) struct Enc<'a>(pub(crate) &'a mut Vec<u8>);
 
 impl Enc<'_> {
-    fn u8(&mut self, v: u8) {
+    #[inline]
+    pub(crate) fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
-    fn u32(&mut self, v: u32) {
+    #[inline]
+    pub(crate) fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u64(&mut self, v: u64) {
+    #[inline]
+    pub(crate) fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn i64(&mut self, v: i64) {
+    #[inline]
+    pub(crate) fn i64(&mut self, v: i64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    #[inline]
     fn bytes(&mut self, b: &[u8]) {
+        self.0.reserve(4 + b.len());
         self.u32(b.len() as u32);
         self.0.extend_from_slice(b);
     }
-    fn str(&mut self, s: &str) {
-        self.bytes(s.as_bytes());
+    /// A text; one longer than a u32 counts (over 4 GiB: no payload
+    /// could hold it anyway) is cut at a character boundary.
+    #[inline]
+    pub(crate) fn str(&mut self, s: &str) {
+        if s.len() <= u32::MAX as usize {
+            self.bytes(s.as_bytes());
+        } else {
+            self.long_str(s);
+        }
+    }
+    #[cold]
+    fn long_str(&mut self, s: &str) {
+        let mut n = u32::MAX as usize;
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.bytes(&s.as_bytes()[..n]);
     }
     fn opt(&mut self, s: Option<&str>) {
         match s {
@@ -437,13 +455,15 @@ impl Enc<'_> {
 }
 
 /// Reads primitives, every read bounds-checked.
-struct Dec<'a> {
-    buf: &'a [u8],
-    what: &'static str,
+pub(crate) struct Dec<'a> {
+    /// What is left to read.
+    pub(crate) buf: &'a [u8],
+    /// What is being read, for [`WireError::Malformed`].
+    pub(crate) what: &'static str,
 }
 
 impl<'a> Dec<'a> {
-    fn err(&self) -> WireError {
+    pub(crate) fn err(&self) -> WireError {
         WireError::Malformed(self.what)
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
@@ -454,30 +474,32 @@ impl<'a> Dec<'a> {
         self.buf = rest;
         Ok(head)
     }
-    fn u8(&mut self) -> Result<u8, WireError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, WireError> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, WireError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
-    fn u64(&mut self) -> Result<u64, WireError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, WireError> {
         let mut a = [0u8; 8];
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
-    fn i64(&mut self) -> Result<i64, WireError> {
+    pub(crate) fn i64(&mut self) -> Result<i64, WireError> {
         Ok(self.u64()? as i64)
     }
     fn bytes(&mut self) -> Result<&'a [u8], WireError> {
         let n = self.u32()? as usize;
         self.take(n)
     }
-    fn string(&mut self) -> Result<String, WireError> {
+    /// A text, borrowed.
+    pub(crate) fn text(&mut self) -> Result<&'a str, WireError> {
         let b = self.bytes()?;
-        std::str::from_utf8(b)
-            .map(str::to_owned)
-            .map_err(|_| self.err())
+        std::str::from_utf8(b).map_err(|_| self.err())
+    }
+    fn string(&mut self) -> Result<String, WireError> {
+        self.text().map(str::to_owned)
     }
     fn opt(&mut self) -> Result<Option<String>, WireError> {
         match self.u8()? {
@@ -489,7 +511,7 @@ impl<'a> Dec<'a> {
     /// A count of items each at least `min_size` bytes long: never more
     /// than the bytes left could hold, so a lying count cannot make us
     /// allocate.
-    fn len(&mut self, min_size: usize) -> Result<usize, WireError> {
+    pub(crate) fn len(&mut self, min_size: usize) -> Result<usize, WireError> {
         let n = self.u32()? as usize;
         if n.saturating_mul(min_size.max(1)) > self.buf.len() {
             return Err(self.err());
@@ -567,74 +589,21 @@ impl Traces {
     }
 }
 
-fn put_attribute(e: &mut Enc<'_>, v: &AttributeValue, depth: usize) {
-    match v {
-        AttributeValue::String(s) => {
-            e.u8(0);
-            e.str(s);
-        }
-        AttributeValue::Bool(b) => {
-            e.u8(1);
-            e.u8(u8::from(*b));
-        }
-        AttributeValue::Int(i) => {
-            e.u8(2);
-            e.i64(*i);
-        }
-        AttributeValue::Float(f) => {
-            e.u8(3);
-            e.u64(f.to_bits());
-        }
-        AttributeValue::Array(items) if depth < MAX_ATTRIBUTE_DEPTH => {
-            e.u8(4);
-            e.len(items.len());
-            for item in items {
-                put_attribute(e, item, depth + 1);
-            }
-        }
-        // Deeper than anything the gem builds: sent as an empty array.
-        AttributeValue::Array(_) => {
-            e.u8(4);
-            e.len(0);
-        }
-    }
-}
-
-fn attribute(d: &mut Dec<'_>, depth: usize) -> Result<AttributeValue, WireError> {
-    Ok(match d.u8()? {
-        0 => AttributeValue::String(d.string()?),
-        1 => AttributeValue::Bool(d.u8()? != 0),
-        2 => AttributeValue::Int(d.i64()?),
-        3 => AttributeValue::Float(f64::from_bits(d.u64()?)),
-        4 if depth < MAX_ATTRIBUTE_DEPTH => {
-            let n = d.len(2)?;
-            let mut items = Vec::with_capacity(n);
-            for _ in 0..n {
-                items.push(attribute(d, depth + 1)?);
-            }
-            AttributeValue::Array(items)
-        }
-        _ => return Err(d.err()),
-    })
-}
-
 impl Exposures {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        Exposures::encode_events(&self.route, &self.events)
+    }
+
+    /// A payload of `events` (each written as it is kept: see
+    /// [`Exposure`]), without owning them.
+    pub fn encode_events(route: &EvpRoute, events: &[Exposure]) -> Vec<u8> {
+        let size: usize = events.iter().map(|x| x.as_bytes().len()).sum();
+        let mut out = Vec::with_capacity(size + 256);
         let mut e = Enc(&mut out);
-        put_evp_route(&mut e, &self.route);
-        e.len(self.events.len());
-        for x in &self.events {
-            e.i64(x.timestamp_ms);
-            e.str(&x.flag);
-            e.str(&x.allocation);
-            e.str(&x.variant);
-            e.str(&x.subject_id);
-            e.len(x.attributes.len());
-            for (k, v) in &x.attributes {
-                e.str(k);
-                put_attribute(&mut e, v, 0);
-            }
+        put_evp_route(&mut e, route);
+        e.len(events.len());
+        for x in events {
+            out.extend_from_slice(x.as_bytes());
         }
         out
     }
@@ -645,25 +614,10 @@ impl Exposures {
             what: "exposures payload",
         };
         let route = evp_route(&mut d)?;
-        let n = d.len(8 + 4 * 4 + 4)?;
+        let n = d.len(exposures::MIN_SIZE)?;
         let mut events = Vec::with_capacity(n);
         for _ in 0..n {
-            let timestamp_ms = d.i64()?;
-            let (flag, allocation, variant, subject_id) =
-                (d.string()?, d.string()?, d.string()?, d.string()?);
-            let m = d.len(4 + 2)?;
-            let mut attributes = Vec::with_capacity(m);
-            for _ in 0..m {
-                attributes.push((d.string()?, attribute(&mut d, 0)?));
-            }
-            events.push(Exposure {
-                timestamp_ms,
-                flag,
-                allocation,
-                variant,
-                subject_id,
-                attributes,
-            });
+            events.push(Exposure::take(&mut d).map_err(|_| d.err())?);
         }
         d.end()?;
         Ok(Exposures { route, events })
@@ -775,6 +729,7 @@ pub fn split_v04_body(body: &[u8]) -> Option<(u32, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::span::AttributeValue;
 
     fn route() -> EvpRoute {
         EvpRoute {
@@ -909,23 +864,7 @@ mod tests {
 
         let x = Exposures {
             route: route(),
-            events: vec![Exposure {
-                timestamp_ms: 1_700_000_000_000,
-                flag: "f".into(),
-                allocation: "a".into(),
-                variant: "v".into(),
-                subject_id: "u-1".into(),
-                attributes: vec![
-                    ("plan".into(), AttributeValue::String("pro".into())),
-                    ("age".into(), AttributeValue::Int(-3)),
-                    ("ratio".into(), AttributeValue::Float(0.5)),
-                    ("beta".into(), AttributeValue::Bool(true)),
-                    (
-                        "list".into(),
-                        AttributeValue::Array(vec![AttributeValue::Int(1)]),
-                    ),
-                ],
-            }],
+            events: vec![exposures::sample_exposure(), exposures::sample_exposure()],
         };
         assert_eq!(Exposures::decode(&x.encode()), Ok(x));
 
@@ -962,14 +901,14 @@ mod tests {
     fn truncated_or_garbage_payloads_are_malformed_never_a_panic() {
         let x = Exposures {
             route: route(),
-            events: vec![Exposure {
-                timestamp_ms: 1,
-                flag: "f".into(),
-                allocation: "a".into(),
-                variant: "v".into(),
-                subject_id: "s".into(),
-                attributes: vec![("k".into(), AttributeValue::String("v".into()))],
-            }],
+            events: vec![Exposure::new(
+                1,
+                "f",
+                "a",
+                "v",
+                "s",
+                &[("k".into(), AttributeValue::String("v".into()))],
+            )],
         }
         .encode();
         for cut in 0..x.len() {
