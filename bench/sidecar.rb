@@ -38,12 +38,20 @@
 # Then the exporter alone, without Puma (see MICRO below): the calling
 # thread's CPU in Writer#write, and the exporter-rt threads of forked
 # children and of their parent (the listener with the sidecar on), per
-# span; then a fork-per-job loop (fork, write, flush, exit!) x JOBS, ms
-# per job. Modes alternate in every part. Prints tables of medians (with
-# every round) and writes them to bench/results/sidecar.md, keeping its
-# hand-written Notes.
+# span, MICRO_ROUNDS rounds; each round runs both modes back to back (the
+# order alternates from round to round), and the per-round differences
+# (on − off) are reported next to the medians: pairs that ran a minute
+# apart share the machine's load, so their difference is steadier than
+# two medians. Then a fork-per-job loop (fork, write, flush, exit!) x
+# JOBS, ms per job. Modes alternate in every part. Prints tables of
+# medians (with every round) and writes them to bench/results/sidecar.md
+# (or OUT), keeping its hand-written Notes.
 #   ROUNDS=3 REQUESTS=20000 SPANS=10 KILL_REQUESTS=1500 JOBS=100
-#   MICRO_CHILDREN=4 MICRO_TRACES=6000 MICRO_RATE=250 (the defaults)
+#   MICRO_ROUNDS=5 MICRO_CHILDREN=4 MICRO_TRACES=6000 MICRO_RATE=250 (the defaults)
+#   MICRO_ONLY=1: only the micro and fork-per-job parts (no Puma, ~6 min);
+#     their tables are printed, and written only to OUT if set (never to
+#     bench/results/sidecar.md, whose Puma table they would drop).
+#   NO_RESULTS=1: print only.
 root = File.expand_path("..", __dir__)
 $LOAD_PATH.unshift(File.join(root, "lib"), File.join(root, "spec", "support"))
 require "exporter"
@@ -65,9 +73,11 @@ JOBS = Integer(ENV.fetch("JOBS", "100"))
 MICRO_CHILDREN = Integer(ENV.fetch("MICRO_CHILDREN", "4"))
 MICRO_TRACES = Integer(ENV.fetch("MICRO_TRACES", "6000"))
 MICRO_RATE = Integer(ENV.fetch("MICRO_RATE", "250"))
+MICRO_ROUNDS = Integer(ENV.fetch("MICRO_ROUNDS", "5"))
+MICRO_ONLY = !ENV.fetch("MICRO_ONLY", "").empty? && ENV["MICRO_ONLY"] != "0"
 LIB = File.join(root, "lib")
 FIXTURES = File.join(root, "spec", "fixtures")
-RESULTS = File.join(root, "bench", "results", "sidecar.md")
+RESULTS = ENV.fetch("OUT") { MICRO_ONLY ? nil : File.join(root, "bench", "results", "sidecar.md") }
 FLUSH_WINDOW = 0.5 + 0.5 # the app's flush interval, plus a handover and scheduling margin
 SS = system("ss -V", out: File::NULL, err: File::NULL)
 
@@ -384,8 +394,11 @@ MICRO = <<~'RUBY'
                      status: Exporter::Sidecar.status)
 RUBY
 
+def load_1m = File.read("/proc/loadavg").split.first.to_f
+
 def micro_run(mode, agent)
   agent.clear
+  load0 = load_1m
   argv = [RbConfig.ruby, "-I#{LIB}", "-e", MICRO, agent.url,
           MICRO_CHILDREN.to_s, MICRO_TRACES.to_s, MICRO_RATE.to_s, SPANS.to_s]
   out, err, status = capture_bounded({ "EXPORTER_SIDECAR" => mode }, *argv, timeout: 300)
@@ -402,54 +415,72 @@ def micro_run(mode, agent)
     parent_rt_us_per_span: parent_rt.round(2), rt_total_us_per_span: (child_rt + parent_rt).round(2),
     exporter_total_us_per_span: (write + child_rt + parent_rt).round(2),
     child_rt_threads: kids.map { |k| k["rt_threads"] }.max, parent_rt_threads: r["parent_rt_threads"],
-    arrived: got.map { |t| t.first["trace_id"] }.uniq.size }
+    arrived: got.map { |t| t.first["trace_id"] }.uniq.size, load_1m: [load0, load_1m].max }
 end
 
+# The micro rows whose per-round difference (on − off) is reported.
+MICRO_DIFFS = %i[write_us_per_span child_rt_us_per_span parent_rt_us_per_span rt_total_us_per_span
+                 exporter_total_us_per_span].freeze
+
 MODES = %w[auto off].freeze
+
+def table_rows(lines, runs, keys)
+  keys.each do |k|
+    meds = MODES.map { |m| median(runs[m].map { |row| row[k] }) }
+    all = MODES.map { |m| runs[m].map { |row| row[k] }.join(" ") }.join(" / ")
+    lines << "| #{k} | #{meds.join(' | ')} | #{all} |"
+  end
+end
+
 agent = TestAgent.new.start
 begin
   runs = Hash.new { |h, k| h[k] = [] }
-  ROUNDS.times do |r|
-    MODES.each do |m|
-      row = server_run(m, agent)
-      warn "round #{r + 1} #{m}: #{row.inspect}"
-      runs[m] << row
+  unless MICRO_ONLY
+    ROUNDS.times do |r|
+      MODES.each do |m|
+        row = server_run(m, agent)
+        warn "round #{r + 1} #{m}: #{row.inspect}"
+        runs[m] << row
+      end
     end
   end
   micro = Hash.new { |h, k| h[k] = [] }
-  ROUNDS.times do |r|
-    MODES.each do |m|
+  MICRO_ROUNDS.times do |r|
+    # Both modes back to back; which goes first alternates.
+    (r.even? ? MODES : MODES.reverse).each do |m|
       row = micro_run(m, agent)
       warn "micro round #{r + 1} #{m}: #{row.inspect}"
       micro[m] << row
     end
   end
   jobs = MODES.to_h { |m| [m, Array.new(ROUNDS) { jobs_run(m, agent) }] }
-  keys = runs["auto"].first.keys - [:mode]
   lines = []
   lines << "# Sidecar A/B (bench/sidecar.rb)"
   lines << ""
-  lines << "4-worker Puma #{`puma --version`.strip.split.last} (`--preload`, 2 threads), #{REQUESTS} requests of one " \
-           "#{SPANS}-span trace (#{REQUESTS * SPANS} spans) per run, ddapm-test-agent; median of #{ROUNDS} rounds " \
-           "per mode (modes alternate). #{Etc.nprocessors} CPUs, shared. `auto` = sidecar on, `off` = direct."
-  lines << ""
-  lines << "| metric | #{MODES.map { |m| "sidecar #{m}" }.join(' | ')} | rounds (on / off) |"
-  lines << "|---|#{MODES.map { '---:' }.join('|')}|---|"
-  keys.each do |k|
-    meds = MODES.map { |m| median(runs[m].map { |row| row[k] }) }
-    all = MODES.map { |m| runs[m].map { |row| row[k] }.join(" ") }.join(" / ")
-    lines << "| #{k} | #{meds.join(' | ')} | #{all} |"
+  unless MICRO_ONLY
+    lines << "4-worker Puma #{`puma --version`.strip.split.last} (`--preload`, 2 threads), #{REQUESTS} requests of one " \
+             "#{SPANS}-span trace (#{REQUESTS * SPANS} spans) per run, ddapm-test-agent; median of #{ROUNDS} rounds " \
+             "per mode (modes alternate). #{Etc.nprocessors} CPUs, shared. `auto` = sidecar on, `off` = direct."
+    lines << ""
+    lines << "| metric | #{MODES.map { |m| "sidecar #{m}" }.join(' | ')} | rounds (on / off) |"
+    lines << "|---|#{MODES.map { '---:' }.join('|')}|---|"
+    table_rows(lines, runs, runs["auto"].first.keys - [:mode])
+    lines << ""
   end
-  lines << ""
   lines << "Exporter alone (no Puma): #{MICRO_CHILDREN} forked children x #{MICRO_TRACES} traces of #{SPANS} spans " \
-           "(#{MICRO_CHILDREN * MICRO_TRACES * SPANS} spans) at #{MICRO_RATE} traces/s each; median of #{ROUNDS} rounds per mode."
+           "(#{MICRO_CHILDREN * MICRO_TRACES * SPANS} spans) at #{MICRO_RATE} traces/s each; median of #{MICRO_ROUNDS} " \
+           "rounds per mode, each round both modes back to back (order alternating). " \
+           "#{Etc.nprocessors} CPUs, shared; `load_1m`: the 1-minute load average (the higher of start and end of the run)."
   lines << ""
   lines << "| micro: µs per span | #{MODES.map { |m| "sidecar #{m}" }.join(' | ')} | rounds (on / off) |"
   lines << "|---|#{MODES.map { '---:' }.join('|')}|---|"
-  (micro["auto"].first.keys - [:mode]).each do |k|
-    meds = MODES.map { |m| median(micro[m].map { |row| row[k] }) }
-    all = MODES.map { |m| micro[m].map { |row| row[k] }.join(" ") }.join(" / ")
-    lines << "| #{k} | #{meds.join(' | ')} | #{all} |"
+  table_rows(lines, micro, micro["auto"].first.keys - [:mode])
+  lines << ""
+  lines << "| micro: on − off, µs per span | median of the rounds' differences | per round | rounds lower with the sidecar |"
+  lines << "|---|---:|---|---:|"
+  MICRO_DIFFS.each do |k|
+    d = micro["auto"].zip(micro["off"]).map { |on, off| (on[k] - off[k]).round(2) }
+    lines << "| #{k} | #{median(d)&.round(2)} | #{d.join(' ')} | #{d.count(&:negative?)} of #{d.size} |"
   end
   lines << ""
   lines << "| fork per job | #{MODES.map { |m| "sidecar #{m}" }.join(' | ')} | rounds (on / off) |"
@@ -461,7 +492,7 @@ begin
   lines << "| fork per job: traces arrived (min over rounds, of #{JOBS}) | #{arrived.join(' | ')} | |"
   table = lines.join("\n")
   puts table
-  unless ENV["NO_RESULTS"]
+  if RESULTS && !ENV["NO_RESULTS"]
     # Notes written by hand below the table ("## Notes" on) are kept.
     notes = File.exist?(RESULTS) ? File.read(RESULTS)[/^## Notes.*/m] : nil
     File.write(RESULTS, [table, notes].compact.join("\n\n") + "\n")

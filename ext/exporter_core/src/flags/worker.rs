@@ -540,7 +540,7 @@ impl InFlight<'_> {
             stop_retrying: stop_retrying.as_ref(),
         };
         if let Some(client) = crate::sidecar::acquire() {
-            crate::sidecar::client::blocking(|| self.hand_over(&client));
+            self.hand_over(&client).await;
         }
         let timestamp = now_ms();
         let mut sent_all = true;
@@ -609,7 +609,8 @@ impl InFlight<'_> {
     /// Hands the rows over to the sidecar listener, a frame at a time;
     /// each acknowledged row is settled as sent. What is left is sent
     /// direct by the caller (counted in the sidecar's `evaluations_direct`).
-    fn hand_over(&mut self, client: &crate::sidecar::client::Client) {
+    /// Runs as a task of the runtime (waits are the reactor's).
+    async fn hand_over(&mut self, client: &crate::sidecar::client::Client) {
         use crate::sidecar::{wire, COUNTERS};
         let w = self.worker;
         let budget = w.max_payload.min(wire::MAX_FRAME / 2);
@@ -628,7 +629,11 @@ impl InFlight<'_> {
                 rows: self.rows[start..i].to_vec(),
             }
             .encode();
-            if client.handover(wire::Kind::Evaluations, &frame).is_err() {
+            if client
+                .handover_async(wire::Kind::Evaluations, &frame)
+                .await
+                .is_err()
+            {
                 COUNTERS.fallback_batches.fetch_add(1, Ordering::Relaxed);
                 let left: u64 = self.rows[start..].iter().map(|r| r.counts.count).sum();
                 COUNTERS

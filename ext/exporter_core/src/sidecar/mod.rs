@@ -426,7 +426,6 @@ pub fn acquire() -> Option<Arc<client::Client>> {
     };
     match attempt {
         Reconnect::Connected(c) => {
-            let c = Arc::new(c);
             let mut st = state();
             let still = if discovering {
                 st.mode == Mode::Auto

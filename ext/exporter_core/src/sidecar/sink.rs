@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::client::{self, Client, HANDOVER_TIMEOUT};
+use super::client::{Client, HANDOVER_TIMEOUT};
 use super::wire::{self, EvpRoute, Kind, TraceRoute};
 use super::COUNTERS;
 use crate::agent::{SendReport, TraceExporter};
@@ -74,8 +74,13 @@ fn trace_route(e: &TraceExporter) -> TraceRoute {
 }
 
 /// Hands over what it can of `batch`; returns the report so far and the
-/// index of the first trace not handed over.
-fn hand_over_traces(client: &Client, e: &TraceExporter, batch: &[Trace]) -> (SendReport, usize) {
+/// index of the first trace not handed over. Runs as a task of the
+/// runtime: the waits for the listener are the reactor's.
+async fn hand_over_traces(
+    client: &Client,
+    e: &TraceExporter,
+    batch: &[Trace],
+) -> (SendReport, usize) {
     let c = e.config();
     let route = trace_route(e);
     let mut report = SendReport::default();
@@ -97,7 +102,9 @@ fn hand_over_traces(client: &Client, e: &TraceExporter, batch: &[Trace]) -> (Sen
             let count = p.trace_count;
             head.clear();
             wire::Traces::encode_head(&mut head, &route, count as u32, p.body.len());
-            let handed = client.handover_parts(Kind::Traces, &head, &p.body);
+            let handed = client
+                .handover_parts_async(Kind::Traces, &head, &p.body)
+                .await;
             buf = p.body;
             if handed.is_err() {
                 COUNTERS.fallback_batches.fetch_add(1, Ordering::Relaxed);
@@ -125,7 +132,7 @@ impl BatchSink<Trace> for Sidecar<Arc<TraceExporter>> {
         let Some(client) = client else {
             return TraceExporter::send(e, batch, generation, Some(stop)).await;
         };
-        let (mut report, offset) = client::blocking(|| hand_over_traces(&client, e, batch));
+        let (mut report, offset) = hand_over_traces(&client, e, batch).await;
         if offset < batch.len() {
             COUNTERS
                 .traces_direct
@@ -161,21 +168,23 @@ impl BatchSink<Exposure> for Sidecar<EvpSink> {
         let route = EvpRoute::new(self.inner.url(), self.inner.context());
         let mut report = SendReport::default();
         let mut offset = 0;
-        client::blocking(|| {
-            while offset < batch.len() {
-                let end = (offset + EXPOSURES_PER_FRAME).min(batch.len());
-                let frame = wire::Exposures::encode_events(&route, &batch[offset..end]);
-                if client.handover(Kind::Exposures, &frame).is_err() {
-                    COUNTERS.fallback_batches.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                report.trace_count += end - offset;
-                COUNTERS
-                    .exposures_handed_over
-                    .fetch_add((end - offset) as u64, Ordering::Relaxed);
-                offset = end;
+        while offset < batch.len() {
+            let end = (offset + EXPOSURES_PER_FRAME).min(batch.len());
+            let frame = wire::Exposures::encode_events(&route, &batch[offset..end]);
+            if client
+                .handover_async(Kind::Exposures, &frame)
+                .await
+                .is_err()
+            {
+                COUNTERS.fallback_batches.fetch_add(1, Ordering::Relaxed);
+                break;
             }
-        });
+            report.trace_count += end - offset;
+            COUNTERS
+                .exposures_handed_over
+                .fetch_add((end - offset) as u64, Ordering::Relaxed);
+            offset = end;
+        }
         if offset < batch.len() {
             COUNTERS
                 .exposures_direct

@@ -24,7 +24,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::client::Client;
@@ -262,7 +262,7 @@ pub fn due() -> bool {
 
 /// What [`reconnect`] found.
 pub enum Reconnect {
-    Connected(Client),
+    Connected(Arc<Client>),
     /// Not yet time for another attempt, or the attempt failed (logged,
     /// counted): send direct.
     Unavailable(String),
@@ -287,7 +287,7 @@ pub fn reconnect(cfg: &HelperConfig, may_start: bool, discovering: bool) -> Reco
             sch.next = None;
             sch.backoff = MIN_BACKOFF;
             LOG.outcome(None);
-            Reconnect::Connected(c)
+            Reconnect::Connected(Arc::new(c))
         }
         Err(e) => {
             let wait = if discovering {
