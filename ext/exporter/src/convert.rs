@@ -23,6 +23,7 @@ use magnus::{Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, TryCon
 
 use crate::errors;
 use magnus::rb_sys::{AsRawValue, FromRawValue};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A conversion problem, before it is placed (trace/span) and raised.
 type Problem = String;
@@ -233,7 +234,7 @@ impl Seen {
     }
 
     fn forget(&mut self) {
-        *self = Seen::new();
+        self.0.fill((Seen::FREE, Str::default()));
     }
 }
 
@@ -417,7 +418,136 @@ fn unsigned(v: Value, words: usize) -> Result<u128, BadId> {
     if magnus::RBignum::from_value(v).is_none() {
         return Err(BadId::NotInteger);
     }
-    bignum(v, words.min(2))
+    let words = words.min(2);
+    match digits(v, words, DIGIT_BYTES.load(Ordering::Relaxed)) {
+        Some(id) => Ok(id),
+        None => bignum(v, words),
+    }
+}
+
+/// The width of a Bignum digit (`BDIGIT`) when this Ruby's Bignums were
+/// found laid out as [`digits`] reads them (see [`init_bignum`]); 0: they
+/// are read by `rb_integer_pack` only.
+static DIGIT_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// A CRuby Bignum (`internal/bignum.h`, 2.x through 3.5): its flags word
+/// tells the sign (`FL_USER1` set: positive) and whether the digits are
+/// embedded (`FL_USER2`), then their number (from `FL_USHIFT + 3`: 3 bits
+/// in older Rubies, 9 in newer ones; the 6 above the 3 are 0 in older
+/// ones, whose Bignums use no other flags); embedded
+/// digits follow `RBasic` (flags, klass), least significant first.
+const BIGNUM_SIGN: u64 = rb_sys::ruby_fl_type::RUBY_FL_USER1 as u64;
+const BIGNUM_EMBED: u64 = rb_sys::ruby_fl_type::RUBY_FL_USER2 as u64;
+const BIGNUM_LEN_SHIFT: u32 = rb_sys::ruby_fl_ushift::RUBY_FL_USHIFT as u32 + 3;
+const BIGNUM_LEN_MASK: u64 = 0x1ff;
+
+/// The value of a positive Bignum with embedded digits that fits in
+/// `words` (<= 2) 64-bit words, read from the object itself, with digits
+/// of `digit` bytes (0: not at all); None to read it with
+/// `rb_integer_pack` (negative, not embedded, wider, or a layout this
+/// Ruby was not found to have).
+#[inline(always)]
+fn digits(v: Value, words: usize, digit: usize) -> Option<u128> {
+    if digit == 0
+        || cfg!(not(all(
+            target_endian = "little",
+            target_pointer_width = "64"
+        )))
+    {
+        return None;
+    }
+    let p = v.as_raw() as *const u64;
+    // SAFETY: `v` is a live T_BIGNUM (checked by the caller) and no Ruby
+    // code runs meanwhile; every heap object's slot holds at least five
+    // words (RBasic's two, then three), so words 0, 2 and 3 are inside it.
+    // Word 2 is read only for 1 to 16 bytes of embedded digits, word 3
+    // only for more than 8: those bytes are the number's own, in the
+    // layout `init_bignum` found (for another layout `digit` is 0).
+    let flags = unsafe { p.read() };
+    if flags & (BIGNUM_SIGN | BIGNUM_EMBED) != BIGNUM_SIGN | BIGNUM_EMBED {
+        return None;
+    }
+    let bytes = ((flags >> BIGNUM_LEN_SHIFT) & BIGNUM_LEN_MASK) as usize * digit;
+    if bytes == 0 || bytes > words * 8 {
+        return None;
+    }
+    // SAFETY: see above.
+    let low = unsafe { p.add(2).read() };
+    if bytes <= 8 {
+        return Some(u128::from(low & (u64::MAX >> (64 - 8 * bytes))));
+    }
+    // SAFETY: see above.
+    let high = unsafe { p.add(3).read() } & (u64::MAX >> (128 - 8 * bytes));
+    Some(u128::from(low) | (u128::from(high) << 64))
+}
+
+/// Checks, once at load, that this Ruby's Bignums are laid out as
+/// [`digits`] reads them, with 8- or 4-byte digits: every sample Bignum
+/// (positive and negative, 1 to 4 words) must read as `rb_integer_pack`
+/// reads it, and the positive ones that fit must be read. Otherwise ids
+/// are read by `rb_integer_pack` only.
+fn init_bignum() {
+    const SAMPLES: [[u64; 4]; 9] = [
+        [1 << 62, 0, 0, 0],
+        [u64::MAX, 0, 0, 0],
+        [0x8000_0000_0000_0001, 0, 0, 0],
+        [0x0123_4567_89ab_cdef, 1, 0, 0],
+        [0, 1, 0, 0],
+        [0xfedc_ba98_7654_3210, 0x6543_0000_0000_0001, 0, 0],
+        [u64::MAX, u64::MAX, 0, 0],
+        [5, 0, 1, 0],
+        [7, 0, 0, 1 << 40],
+    ];
+    let works = |digit: usize| {
+        SAMPLES.iter().all(|words| {
+            [false, true].iter().all(|&negative| {
+                let flags = rb_sys::INTEGER_PACK_LSWORD_FIRST
+                    | rb_sys::INTEGER_PACK_NATIVE_BYTE_ORDER
+                    | if negative {
+                        rb_sys::INTEGER_PACK_NEGATIVE
+                    } else {
+                        0
+                    };
+                // SAFETY: reads 4 words of 8 bytes from `words`; returns a
+                // new Integer (a Bignum for every sample), kept on the
+                // stack while it is read (no other allocation meanwhile).
+                let v = unsafe {
+                    Value::from_raw(rb_sys::rb_integer_unpack(
+                        words.as_ptr().cast(),
+                        4,
+                        8,
+                        0,
+                        flags as i32,
+                    ))
+                };
+                if magnus::RBignum::from_value(v).is_none() {
+                    // -(2**62) is a Fixnum.
+                    return fixnum(v).is_some();
+                }
+                let ok = (1..=2).all(|n| {
+                    let packed = bignum(v, n);
+                    match digits(v, n, digit) {
+                        Some(id) => packed == Ok(id),
+                        None => packed.is_err(),
+                    }
+                });
+                std::hint::black_box(v);
+                ok
+            })
+        })
+    };
+    if let Some(digit) = [8, 4].into_iter().find(|&d| works(d)) {
+        DIGIT_BYTES.store(digit, Ordering::Relaxed);
+    }
+}
+
+/// How Bignum ids are read, for the specs: `:direct` or `:packed`.
+pub fn bignum_reading(ruby: &Ruby) -> Symbol {
+    ruby.to_symbol(if DIGIT_BYTES.load(Ordering::Relaxed) == 0 {
+        "packed"
+    } else {
+        "direct"
+    })
 }
 
 #[inline(never)]
@@ -865,6 +995,7 @@ static FIELD_SYMBOLS: std::sync::OnceLock<Vec<(rb_sys::VALUE, Field)>> = std::sy
 /// Interns the field symbols; called once at load.
 pub fn init(ruby: &Ruby) {
     foreach_fn();
+    init_bignum();
     FIELD_SYMBOLS.get_or_init(|| {
         FIELDS
             .iter()
@@ -1087,22 +1218,8 @@ fn span(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<(), (String, Problem)>
                     entries(ruby, b, v, |_, _, v| number(v), |t| &mut t.metrics),
                 )?
             }
-            // The rare fields may transcode (allocate) without the
-            // builder knowing: it forgets what it remembers by address.
-            Field::MetaStruct => {
-                rare.get_or_insert_with(SpanExtras::default).meta_struct =
-                    at(name, opt_pairs(ruby, v, meta_struct_value))?;
-                b.forget();
-            }
-            Field::SpanLinks => {
-                rare.get_or_insert_with(SpanExtras::default).span_links =
-                    at(name, list(ruby, v, span_link))?;
-                b.forget();
-            }
-            Field::SpanEvents => {
-                rare.get_or_insert_with(SpanExtras::default).span_events =
-                    at(name, list(ruby, v, span_event))?;
-                b.forget();
+            Field::MetaStruct | Field::SpanLinks | Field::SpanEvents => {
+                rare_field(ruby, b, &mut rare, name, v)?
             }
             _ => {}
         }
@@ -1120,6 +1237,30 @@ fn span(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<(), (String, Problem)>
         s.extras = b.trace.push_extras(rare);
     }
     b.trace.spans.push(s);
+    Ok(())
+}
+
+/// A rare span field (meta_struct, span_links, span_events), into
+/// `rare`. Out of line, so that the common fields' path stays small.
+#[cold]
+#[inline(never)]
+fn rare_field(
+    ruby: &Ruby,
+    b: &mut Builder,
+    rare: &mut Option<SpanExtras>,
+    name: Field,
+    v: Value,
+) -> Result<(), (String, Problem)> {
+    let rare = rare.get_or_insert_with(SpanExtras::default);
+    match name {
+        Field::MetaStruct => rare.meta_struct = at(name, opt_pairs(ruby, v, meta_struct_value))?,
+        Field::SpanLinks => rare.span_links = at(name, list(ruby, v, span_link))?,
+        Field::SpanEvents => rare.span_events = at(name, list(ruby, v, span_event))?,
+        _ => {}
+    }
+    // These may transcode (allocate) without the builder knowing: it
+    // forgets what it remembers by address.
+    b.forget();
     Ok(())
 }
 
