@@ -23,7 +23,7 @@ use magnus::{Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, TryCon
 
 use crate::errors;
 use magnus::rb_sys::{AsRawValue, FromRawValue};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// A conversion problem, before it is placed (trace/span) and raised.
 type Problem = String;
@@ -318,25 +318,29 @@ fn entries<T>(
     let h = hash(v)?;
     let len = h.len();
     let mut problem = None;
-    each_pair(h, |k, v| {
-        let k = match key_text(ruby, b, k) {
-            Ok(k) => k,
-            Err(p) => {
-                problem = Some(p);
-                return false;
+    each_pair(
+        h,
+        #[inline(always)]
+        |k, v| {
+            let k = match key_text(ruby, b, k) {
+                Ok(k) => k,
+                Err(p) => {
+                    problem = Some(p);
+                    return false;
+                }
+            };
+            match value(ruby, b, v) {
+                Ok(v) => {
+                    list(&mut b.trace).push((k, v));
+                    true
+                }
+                Err(p) => {
+                    problem = Some(format!("[{:?}] {p}", b.trace.str(k)));
+                    false
+                }
             }
-        };
-        match value(ruby, b, v) {
-            Ok(v) => {
-                list(&mut b.trace).push((k, v));
-                true
-            }
-            Err(p) => {
-                problem = Some(format!("[{:?}] {p}", b.trace.str(k)));
-                false
-            }
-        }
-    });
+        },
+    );
     let read = range(b);
     match problem {
         Some(p) => Err(p),
@@ -672,19 +676,156 @@ fn foreach_fn() -> ForeachFn {
 }
 
 /// How Hashes are iterated, for the specs: `:direct` or `:public`.
+/// (`:table` when [`walk`] reads the Hash's table itself).
 pub fn hash_iteration(ruby: &Ruby) -> Symbol {
     let public = rb_sys::rb_hash_foreach as ForeachFn;
-    ruby.to_symbol(if foreach_fn() as usize == public as usize {
+    ruby.to_symbol(if WALK.load(Ordering::Relaxed) {
+        "table"
+    } else if foreach_fn() as usize == public as usize {
         "public"
     } else {
         "direct"
     })
 }
 
+/// Whether Hashes are walked by [`walk`] (see [`init_walk`]).
+static WALK: AtomicBool = AtomicBool::new(false);
+
+/// A Hash of Ruby 3.1 and 3.2 (`internal/hash.h`): `RBasic` (flags,
+/// klass), then a pointer to its table: with `FL_USER3` an `st_table`
+/// (public, `ruby/st.h`) whose entries are {hash, key, value}, a deleted
+/// one's hash all ones; else, possibly null, an array of 8 {key, value}
+/// pairs (a deleted one's key `Qundef`), the first `bound` (flags bits
+/// `FL_USHIFT + 8` to `+ 11`) in use. Later Rubies embed the table in the
+/// object instead: they use `rb_hash_stlike_foreach`.
+const LAYOUT_3_1: bool = rb_sys::RUBY_API_VERSION_MAJOR == 3
+    && (rb_sys::RUBY_API_VERSION_MINOR == 1 || rb_sys::RUBY_API_VERSION_MINOR == 2);
+const HASH_ST: usize = rb_sys::ruby_fl_type::RUBY_FL_USER3 as usize;
+const HASH_AR_BOUND_SHIFT: u32 = rb_sys::ruby_fl_ushift::RUBY_FL_USHIFT as u32 + 8;
+
+/// Walks a Hash's table in order, as `rb_hash_stlike_foreach` does, but
+/// inline, without a C call per entry. The table is found afresh for each
+/// entry (a callback that allocates may run a GC, which can move an array
+/// table out of the transient heap, or keys and values by compaction).
+#[inline(always)]
+fn walk(h: RHash, mut f: impl FnMut(Value, Value) -> bool) {
+    let p = h.as_raw() as *const usize;
+    // SAFETY (all reads below): `h` is a live Hash (on the stack, so not
+    // moved) of the layout above (checked at load by `init_walk`), and no
+    // Ruby code runs between a read and its use: its flags and table
+    // pointer are its words 0 and 2; an array table holds 8 pairs, read
+    // only below its bound (at most 8); an st_table's entries are read
+    // from its entries_start to its entries_bound.
+    if unsafe { p.read() } & HASH_ST == 0 {
+        for i in 0..8 {
+            let (k, v) = unsafe {
+                let bound = (p.read() >> HASH_AR_BOUND_SHIFT) & 0xf;
+                let table = p.add(2).read() as *const [usize; 2];
+                if table.is_null() || i >= bound {
+                    return;
+                }
+                let pair = table.add(i).read();
+                (pair[0], pair[1])
+            };
+            if k != rb_sys::Qundef as usize && !f(from_raw(k), from_raw(v)) {
+                return;
+            }
+        }
+    } else {
+        for i in 0.. {
+            let (hash, k, v) = unsafe {
+                let st = &*(p.add(2).read() as *const rb_sys::st_table);
+                let at = st.entries_start as usize + i;
+                if at >= st.entries_bound as usize {
+                    return;
+                }
+                let [hash, k, v] = (st.entries as *const [usize; 3]).add(at).read();
+                (hash, k, v)
+            };
+            if hash != usize::MAX && !f(from_raw(k), from_raw(v)) {
+                return;
+            }
+        }
+    }
+}
+
+/// An entry of a Hash [`walk`] read.
+#[inline(always)]
+fn from_raw(v: usize) -> Value {
+    // SAFETY: a live key or value of the Hash being walked.
+    unsafe { Value::from_raw(v as rb_sys::VALUE) }
+}
+
+/// Checks, once at load, that [`walk`] reads Hashes as
+/// `rb_hash_stlike_foreach` does on this Ruby (array and st tables, with
+/// deleted entries, compare_by_identity): else it is not used.
+fn init_walk() {
+    if !LAYOUT_3_1 || cfg!(not(target_pointer_width = "64")) {
+        return;
+    }
+    let mut all_agree = true;
+    for (n, deleted, identity) in [
+        (0, 0, false),
+        (1, 0, false),
+        (5, 2, false),
+        (8, 0, false),
+        (8, 7, false),
+        (9, 0, false),
+        (12, 3, false),
+        (40, 20, false),
+        (3, 1, true),
+    ] {
+        // SAFETY: plain Hash API calls at load (no iteration running);
+        // `h` is kept on the stack while it is read.
+        let h = unsafe {
+            let h = rb_sys::rb_hash_new();
+            if identity {
+                rb_sys::rb_funcallv(
+                    h,
+                    rb_sys::rb_intern(c"compare_by_identity".as_ptr()),
+                    0,
+                    std::ptr::null(),
+                );
+            }
+            for i in 0..n {
+                rb_sys::rb_hash_aset(h, rb_sys::rb_int2inum(i * 7 + 1), rb_sys::rb_int2inum(i));
+            }
+            for i in 0..deleted {
+                rb_sys::rb_hash_delete(h, rb_sys::rb_int2inum((i * 3 % n.max(1)) * 7 + 1));
+            }
+            RHash::from_value(Value::from_raw(h))
+        };
+        let Some(h) = h else { return };
+        let mut expected = Vec::new();
+        each_pair_foreach(h, |k, v| {
+            expected.push((k.as_raw(), v.as_raw()));
+            true
+        });
+        let mut got = Vec::new();
+        walk(h, |k, v| {
+            got.push((k.as_raw(), v.as_raw()));
+            true
+        });
+        all_agree &= got == expected && got.len() == h.len();
+        std::hint::black_box(h);
+    }
+    WALK.store(all_agree, Ordering::Relaxed);
+}
+
 /// Iterates a Hash without `rb_protect`: the callback must not raise nor
 /// run Ruby code (it only reads values, and every magnus call that could
 /// raise is protected by magnus itself). `f` returns false to stop.
-pub fn each_pair<F: FnMut(Value, Value) -> bool>(h: RHash, mut f: F) {
+#[inline(always)]
+pub fn each_pair<F: FnMut(Value, Value) -> bool>(h: RHash, f: F) {
+    if WALK.load(Ordering::Relaxed) {
+        walk(h, f)
+    } else {
+        each_pair_foreach(h, f)
+    }
+}
+
+/// [`each_pair`] by the Hash iterator Ruby exports.
+fn each_pair_foreach<F: FnMut(Value, Value) -> bool>(h: RHash, mut f: F) {
     unsafe extern "C" fn call<F: FnMut(Value, Value) -> bool>(
         k: rb_sys::VALUE,
         v: rb_sys::VALUE,
@@ -996,6 +1137,7 @@ static FIELD_SYMBOLS: std::sync::OnceLock<Vec<(rb_sys::VALUE, Field)>> = std::sy
 pub fn init(ruby: &Ruby) {
     foreach_fn();
     init_bignum();
+    init_walk();
     FIELD_SYMBOLS.get_or_init(|| {
         FIELDS
             .iter()
@@ -1047,24 +1189,28 @@ fn fields(
     let mut problem = None;
     let mut hint = 0;
     let syms = FIELD_SYMBOLS.get().map_or(&[][..], Vec::as_slice);
-    each_pair(h, |k, v| {
-        let name = match field_symbol(syms, k, &mut hint) {
-            Some(name) => Ok(Some(name)),
-            None => field_other(k),
-        };
-        let result = match name {
-            Ok(Some(name)) => f(name, v),
-            Ok(None) => Ok(()),
-            Err(p) => Err(("key".to_owned(), p)),
-        };
-        match result {
-            Ok(()) => true,
-            Err(p) => {
-                problem = Some(p);
-                false
+    each_pair(
+        h,
+        #[inline(always)]
+        |k, v| {
+            let name = match field_symbol(syms, k, &mut hint) {
+                Some(name) => Ok(Some(name)),
+                None => field_other(k),
+            };
+            let result = match name {
+                Ok(Some(name)) => f(name, v),
+                Ok(None) => Ok(()),
+                Err(p) => Err(("key".to_owned(), p)),
+            };
+            match result {
+                Ok(()) => true,
+                Err(p) => {
+                    problem = Some(p);
+                    false
+                }
             }
-        }
-    });
+        },
+    );
     problem.map_or(Ok(()), Err)
 }
 
@@ -1185,46 +1331,50 @@ fn span(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<(), (String, Problem)>
     let mut s = Span::default();
     let mut rare: Option<SpanExtras> = None;
     let (mut has_trace, mut has_span, mut has_name) = (false, false, false);
-    fields(h, |name, v| {
-        match name {
-            Field::TraceId => {
-                s.trace_id = at(name, b.trace_id(v))?;
-                has_trace = true;
-            }
-            Field::SpanId => {
-                s.span_id = at(name, nonzero(id64(v)))?;
-                has_span = true;
-            }
-            Field::ParentId if !v.is_nil() => s.parent_id = at(name, b.parent_id(v))?,
-            Field::Name => {
-                s.name = at(name, text(ruby, b, v))?;
-                has_name = true;
-            }
-            Field::Service => s.service = at(name, opt_text(ruby, b, v))?,
-            Field::Resource => s.resource = at(name, opt_text(ruby, b, v))?,
-            Field::Type => s.r#type = at(name, opt_text(ruby, b, v))?,
-            Field::Start if !v.is_nil() => s.start = at(name, i64_field(v))?,
-            Field::Duration if !v.is_nil() => {
-                s.duration = at(name, i64_field(v))?;
-                if s.duration < 0 {
-                    return Err((name.name().into(), "must not be negative".into()));
+    fields(
+        h,
+        #[inline(always)]
+        |name, v| {
+            match name {
+                Field::TraceId => {
+                    s.trace_id = at(name, b.trace_id(v))?;
+                    has_trace = true;
                 }
+                Field::SpanId => {
+                    s.span_id = at(name, nonzero(id64(v)))?;
+                    has_span = true;
+                }
+                Field::ParentId if !v.is_nil() => s.parent_id = at(name, b.parent_id(v))?,
+                Field::Name => {
+                    s.name = at(name, text(ruby, b, v))?;
+                    has_name = true;
+                }
+                Field::Service => s.service = at(name, opt_text(ruby, b, v))?,
+                Field::Resource => s.resource = at(name, opt_text(ruby, b, v))?,
+                Field::Type => s.r#type = at(name, opt_text(ruby, b, v))?,
+                Field::Start if !v.is_nil() => s.start = at(name, i64_field(v))?,
+                Field::Duration if !v.is_nil() => {
+                    s.duration = at(name, i64_field(v))?;
+                    if s.duration < 0 {
+                        return Err((name.name().into(), "must not be negative".into()));
+                    }
+                }
+                Field::Error => s.error = at(name, error_flag(ruby, v))?,
+                Field::Meta => s.meta = at(name, entries(ruby, b, v, text, |t| &mut t.meta))?,
+                Field::Metrics => {
+                    s.metrics = at(
+                        name,
+                        entries(ruby, b, v, |_, _, v| number(v), |t| &mut t.metrics),
+                    )?
+                }
+                Field::MetaStruct | Field::SpanLinks | Field::SpanEvents => {
+                    rare_field(ruby, b, &mut rare, name, v)?
+                }
+                _ => {}
             }
-            Field::Error => s.error = at(name, error_flag(ruby, v))?,
-            Field::Meta => s.meta = at(name, entries(ruby, b, v, text, |t| &mut t.meta))?,
-            Field::Metrics => {
-                s.metrics = at(
-                    name,
-                    entries(ruby, b, v, |_, _, v| number(v), |t| &mut t.metrics),
-                )?
-            }
-            Field::MetaStruct | Field::SpanLinks | Field::SpanEvents => {
-                rare_field(ruby, b, &mut rare, name, v)?
-            }
-            _ => {}
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     if !(has_trace && has_span && has_name) {
         let field = match (has_trace, has_span) {
             (false, _) => "trace_id",
