@@ -580,6 +580,8 @@ fn bignum(v: Value, words: usize) -> Result<u128, BadId> {
     }
 }
 
+#[cold]
+#[inline(never)]
 fn id_problem(v: Value, bad: BadId, bits: u32) -> Problem {
     match bad {
         BadId::NotInteger => expected("an Integer", v),
@@ -590,6 +592,7 @@ fn id_problem(v: Value, bad: BadId, bits: u32) -> Problem {
 }
 
 /// A 64-bit id (parent_id, link span_id); 0 is allowed.
+#[inline(always)]
 fn id64(v: Value) -> Result<u64, Problem> {
     unsigned(v, 1)
         .map(|i| i as u64)
@@ -610,16 +613,33 @@ fn nonzero<T: PartialEq + Default>(r: Result<T, Problem>) -> Result<T, Problem> 
     }
 }
 
+#[inline(always)]
 fn i64_field(v: Value) -> Result<i64, Problem> {
     match fixnum(v) {
         Some(i) => Ok(i),
-        None => integer(v)?
-            .to_i64()
-            .map_err(|_| "is out of range for a signed 64-bit integer".into()),
+        None => i64_other(v),
     }
 }
 
+#[cold]
+#[inline(never)]
+fn i64_other(v: Value) -> Result<i64, Problem> {
+    integer(v)?
+        .to_i64()
+        .map_err(|_| "is out of range for a signed 64-bit integer".into())
+}
+
+/// A metric: a Float (most are flonums, read from the VALUE) or Integer.
+#[inline(always)]
 fn number(v: Value) -> Result<f64, Problem> {
+    match magnus::value::Flonum::from_value(v) {
+        Some(f) => Ok(f.to_f64()),
+        None => number_other(v),
+    }
+}
+
+#[inline(never)]
+fn number_other(v: Value) -> Result<f64, Problem> {
     if let Some(f) = Float::from_value(v) {
         return Ok(f.to_f64());
     }
@@ -1194,15 +1214,17 @@ fn fields(
         #[inline(always)]
         |k, v| {
             let name = match field_symbol(syms, k, &mut hint) {
-                Some(name) => Ok(Some(name)),
-                None => field_other(k),
+                Some(name) => name,
+                None => match field_other(k) {
+                    Ok(Some(name)) => name,
+                    Ok(None) => return true,
+                    Err(p) => {
+                        problem = Some(("key".to_owned(), p));
+                        return false;
+                    }
+                },
             };
-            let result = match name {
-                Ok(Some(name)) => f(name, v),
-                Ok(None) => Ok(()),
-                Err(p) => Err(("key".to_owned(), p)),
-            };
-            match result {
+            match f(name, v) {
                 Ok(()) => true,
                 Err(p) => {
                     problem = Some(p);
@@ -1214,8 +1236,18 @@ fn fields(
     problem.map_or(Ok(()), Err)
 }
 
+#[inline(always)]
 fn at<T>(field: Field, r: Result<T, Problem>) -> Result<T, (String, Problem)> {
-    r.map_err(|p| (field.name().to_owned(), p))
+    match r {
+        Ok(v) => Ok(v),
+        Err(p) => Err(placed(field, p)),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn placed(field: Field, p: Problem) -> (String, Problem) {
+    (field.name().to_owned(), p)
 }
 
 fn span_link(ruby: &Ruby, v: Value) -> Result<SpanLink, Problem> {
@@ -1313,7 +1345,19 @@ fn opt_pairs<T>(
     pairs(ruby, hash(v)?, f)
 }
 
+#[inline(always)]
 fn error_flag(ruby: &Ruby, v: Value) -> Result<i32, Problem> {
+    if let Some(i) = fixnum(v) {
+        if let Ok(i) = i32::try_from(i) {
+            return Ok(i);
+        }
+    }
+    error_other(ruby, v)
+}
+
+#[cold]
+#[inline(never)]
+fn error_other(ruby: &Ruby, v: Value) -> Result<i32, Problem> {
     if v.is_nil() || v.as_raw() == ruby.qfalse().as_value().as_raw() {
         return Ok(0);
     }
