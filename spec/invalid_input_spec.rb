@@ -93,6 +93,23 @@ RSpec.describe Exporter::InvalidTraceError do
     expect(got[2]["meta"]).not_to have_key("_dd.p.tid")
   end
 
+  it "reads random Bignum ids exactly (from the object itself on this Ruby)" do
+    expect(Exporter::Native.bignum_reading).to eq(:direct)
+    rng = Random.new(0xB16)
+    spans = Array.new(200) do |i|
+      tid = [rng.rand(2**62...2**64), rng.rand(2**64...2**128), (2**64) | rng.rand(2**64)][i % 3]
+      good(trace_id: tid, span_id: rng.rand(2**62...2**64), parent_id: rng.rand(2**62...2**64))
+    end
+    expect(transport.send_traces(spans.map { |s| [s] })).to be_ok
+    got = agent.traces.flatten.to_h { |s| [s["span_id"], s] }
+    spans.each do |s|
+      g = got.fetch(s[:span_id])
+      expect(g).to include("trace_id" => s[:trace_id] & ((2**64) - 1), "parent_id" => s[:parent_id])
+      high = s[:trace_id] >> 64
+      expect(g["meta"]["_dd.p.tid"]).to eq(high.zero? ? nil : format("%016x", high))
+    end
+  end
+
   it "is an ArgumentError" do
     expect(described_class.ancestors).to include(ArgumentError)
   end

@@ -134,8 +134,46 @@ RSpec.describe Exporter::Transport, "against ddapm-test-agent" do
     t&.close
   end
 
-  it "iterates Hashes directly on this Ruby (no rb_ensure frame per Hash)" do
-    expect(Exporter::Native.hash_iteration).to eq(:direct)
+  it "reads Hashes of every shape (small, large, with deleted entries, by identity) while a GC may run between entries" do
+    t = described_class.new(url: agent.url)
+    latin1 = "caf\xE9".dup.force_encoding("ISO-8859-1")
+    metas = [
+      {},
+      { "gone" => "x" }.tap { |h| h.delete("gone") },
+      { "a" => "1", "gone" => "x", "b" => latin1 }.tap { |h| h.delete("gone") },
+      (1..12).to_h { |j| ["k#{j}", "v#{j}"] }.tap { |h| h.delete("k1") && h.delete("k7") && h["k13"] = latin1 },
+      { "a" => "1" }.compare_by_identity.tap { |h| h["b"] = latin1 }
+    ]
+    spans = metas.each_with_index.map do |meta, i|
+      span = SpanFactory.span(trace_id: 14, span_id: 141 + i, meta: meta, extra1: 1, extra2: 2)
+      span.delete(:extra1)
+      span.delete(:trace_id)
+      span[:trace_id] = 14 # now the last entry, after deleted ones
+      span
+    end
+    w = Exporter::Writer.new(transport: t, flush_interval: 3600)
+    begin
+      GC.stress = true # conversion only (Writer#write queues; it never waits)
+      written = w.write(spans)
+    ensure
+      GC.stress = false
+    end
+    expect(written).to be(true)
+    expect(w.flush(timeout: 10)).to be(true)
+    w.stop
+    got = agent.spans.to_h { |s| [s["span_id"], s] }
+    expect(got.keys).to contain_exactly(141, 142, 143, 144, 145)
+    metas.each_with_index do |meta, i|
+      g = got.fetch(141 + i)
+      expect(g["trace_id"]).to eq(14)
+      expect((g["meta"] || {}).except("env", "version")).to eq(meta.to_h { |k, v| [k, v.encode("UTF-8")] })
+    end
+  ensure
+    t&.close
+  end
+
+  it "iterates Hashes directly on this Ruby (no rb_ensure frame per Hash; on 3.1 and 3.2 no C call per entry)" do
+    expect(Exporter::Native.hash_iteration).to eq(RUBY_VERSION < "3.3" ? :table : :direct)
   end
 
   it "fills service, env and version from the transport" do

@@ -26,6 +26,7 @@ use magnus::{
 
 use crate::errors;
 use magnus::rb_sys::{AsRawValue, FromRawValue};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// A conversion problem, before it is placed (trace/span) and raised.
 type Problem = String;
@@ -236,7 +237,7 @@ impl Seen {
     }
 
     fn forget(&mut self) {
-        *self = Seen::new();
+        self.0.fill((Seen::FREE, Str::default()));
     }
 }
 
@@ -320,25 +321,29 @@ fn entries<T>(
     let h = hash(v)?;
     let len = h.len();
     let mut problem = None;
-    each_pair(h, |k, v| {
-        let k = match key_text(ruby, b, k) {
-            Ok(k) => k,
-            Err(p) => {
-                problem = Some(p);
-                return false;
+    each_pair(
+        h,
+        #[inline(always)]
+        |k, v| {
+            let k = match key_text(ruby, b, k) {
+                Ok(k) => k,
+                Err(p) => {
+                    problem = Some(p);
+                    return false;
+                }
+            };
+            match value(ruby, b, v) {
+                Ok(v) => {
+                    list(&mut b.trace).push((k, v));
+                    true
+                }
+                Err(p) => {
+                    problem = Some(format!("[{:?}] {p}", b.trace.str(k)));
+                    false
+                }
             }
-        };
-        match value(ruby, b, v) {
-            Ok(v) => {
-                list(&mut b.trace).push((k, v));
-                true
-            }
-            Err(p) => {
-                problem = Some(format!("[{:?}] {p}", b.trace.str(k)));
-                false
-            }
-        }
-    });
+        },
+    );
     let read = range(b);
     match problem {
         Some(p) => Err(p),
@@ -420,7 +425,136 @@ fn unsigned(v: Value, words: usize) -> Result<u128, BadId> {
     if magnus::RBignum::from_value(v).is_none() {
         return Err(BadId::NotInteger);
     }
-    bignum(v, words.min(2))
+    let words = words.min(2);
+    match digits(v, words, DIGIT_BYTES.load(Ordering::Relaxed)) {
+        Some(id) => Ok(id),
+        None => bignum(v, words),
+    }
+}
+
+/// The width of a Bignum digit (`BDIGIT`) when this Ruby's Bignums were
+/// found laid out as [`digits`] reads them (see [`init_bignum`]); 0: they
+/// are read by `rb_integer_pack` only.
+static DIGIT_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// A CRuby Bignum (`internal/bignum.h`, 2.x through 3.5): its flags word
+/// tells the sign (`FL_USER1` set: positive) and whether the digits are
+/// embedded (`FL_USER2`), then their number (from `FL_USHIFT + 3`: 3 bits
+/// in older Rubies, 9 in newer ones; the 6 above the 3 are 0 in older
+/// ones, whose Bignums use no other flags); embedded
+/// digits follow `RBasic` (flags, klass), least significant first.
+const BIGNUM_SIGN: u64 = rb_sys::ruby_fl_type::RUBY_FL_USER1 as u64;
+const BIGNUM_EMBED: u64 = rb_sys::ruby_fl_type::RUBY_FL_USER2 as u64;
+const BIGNUM_LEN_SHIFT: u32 = rb_sys::ruby_fl_ushift::RUBY_FL_USHIFT as u32 + 3;
+const BIGNUM_LEN_MASK: u64 = 0x1ff;
+
+/// The value of a positive Bignum with embedded digits that fits in
+/// `words` (<= 2) 64-bit words, read from the object itself, with digits
+/// of `digit` bytes (0: not at all); None to read it with
+/// `rb_integer_pack` (negative, not embedded, wider, or a layout this
+/// Ruby was not found to have).
+#[inline(always)]
+fn digits(v: Value, words: usize, digit: usize) -> Option<u128> {
+    if digit == 0
+        || cfg!(not(all(
+            target_endian = "little",
+            target_pointer_width = "64"
+        )))
+    {
+        return None;
+    }
+    let p = v.as_raw() as *const u64;
+    // SAFETY: `v` is a live T_BIGNUM (checked by the caller) and no Ruby
+    // code runs meanwhile; every heap object's slot holds at least five
+    // words (RBasic's two, then three), so words 0, 2 and 3 are inside it.
+    // Word 2 is read only for 1 to 16 bytes of embedded digits, word 3
+    // only for more than 8: those bytes are the number's own, in the
+    // layout `init_bignum` found (for another layout `digit` is 0).
+    let flags = unsafe { p.read() };
+    if flags & (BIGNUM_SIGN | BIGNUM_EMBED) != BIGNUM_SIGN | BIGNUM_EMBED {
+        return None;
+    }
+    let bytes = ((flags >> BIGNUM_LEN_SHIFT) & BIGNUM_LEN_MASK) as usize * digit;
+    if bytes == 0 || bytes > words * 8 {
+        return None;
+    }
+    // SAFETY: see above.
+    let low = unsafe { p.add(2).read() };
+    if bytes <= 8 {
+        return Some(u128::from(low & (u64::MAX >> (64 - 8 * bytes))));
+    }
+    // SAFETY: see above.
+    let high = unsafe { p.add(3).read() } & (u64::MAX >> (128 - 8 * bytes));
+    Some(u128::from(low) | (u128::from(high) << 64))
+}
+
+/// Checks, once at load, that this Ruby's Bignums are laid out as
+/// [`digits`] reads them, with 8- or 4-byte digits: every sample Bignum
+/// (positive and negative, 1 to 4 words) must read as `rb_integer_pack`
+/// reads it, and the positive ones that fit must be read. Otherwise ids
+/// are read by `rb_integer_pack` only.
+fn init_bignum() {
+    const SAMPLES: [[u64; 4]; 9] = [
+        [1 << 62, 0, 0, 0],
+        [u64::MAX, 0, 0, 0],
+        [0x8000_0000_0000_0001, 0, 0, 0],
+        [0x0123_4567_89ab_cdef, 1, 0, 0],
+        [0, 1, 0, 0],
+        [0xfedc_ba98_7654_3210, 0x6543_0000_0000_0001, 0, 0],
+        [u64::MAX, u64::MAX, 0, 0],
+        [5, 0, 1, 0],
+        [7, 0, 0, 1 << 40],
+    ];
+    let works = |digit: usize| {
+        SAMPLES.iter().all(|words| {
+            [false, true].iter().all(|&negative| {
+                let flags = rb_sys::INTEGER_PACK_LSWORD_FIRST
+                    | rb_sys::INTEGER_PACK_NATIVE_BYTE_ORDER
+                    | if negative {
+                        rb_sys::INTEGER_PACK_NEGATIVE
+                    } else {
+                        0
+                    };
+                // SAFETY: reads 4 words of 8 bytes from `words`; returns a
+                // new Integer (a Bignum for every sample), kept on the
+                // stack while it is read (no other allocation meanwhile).
+                let v = unsafe {
+                    Value::from_raw(rb_sys::rb_integer_unpack(
+                        words.as_ptr().cast(),
+                        4,
+                        8,
+                        0,
+                        flags as i32,
+                    ))
+                };
+                if magnus::RBignum::from_value(v).is_none() {
+                    // -(2**62) is a Fixnum.
+                    return fixnum(v).is_some();
+                }
+                let ok = (1..=2).all(|n| {
+                    let packed = bignum(v, n);
+                    match digits(v, n, digit) {
+                        Some(id) => packed == Ok(id),
+                        None => packed.is_err(),
+                    }
+                });
+                std::hint::black_box(v);
+                ok
+            })
+        })
+    };
+    if let Some(digit) = [8, 4].into_iter().find(|&d| works(d)) {
+        DIGIT_BYTES.store(digit, Ordering::Relaxed);
+    }
+}
+
+/// How Bignum ids are read, for the specs: `:direct` or `:packed`.
+pub fn bignum_reading(ruby: &Ruby) -> Symbol {
+    ruby.to_symbol(if DIGIT_BYTES.load(Ordering::Relaxed) == 0 {
+        "packed"
+    } else {
+        "direct"
+    })
 }
 
 #[inline(never)]
@@ -449,6 +583,8 @@ fn bignum(v: Value, words: usize) -> Result<u128, BadId> {
     }
 }
 
+#[cold]
+#[inline(never)]
 fn id_problem(v: Value, bad: BadId, bits: u32) -> Problem {
     match bad {
         BadId::NotInteger => expected("an Integer", v),
@@ -459,6 +595,7 @@ fn id_problem(v: Value, bad: BadId, bits: u32) -> Problem {
 }
 
 /// A 64-bit id (parent_id, link span_id); 0 is allowed.
+#[inline(always)]
 fn id64(v: Value) -> Result<u64, Problem> {
     unsigned(v, 1)
         .map(|i| i as u64)
@@ -479,16 +616,33 @@ fn nonzero<T: PartialEq + Default>(r: Result<T, Problem>) -> Result<T, Problem> 
     }
 }
 
+#[inline(always)]
 fn i64_field(v: Value) -> Result<i64, Problem> {
     match fixnum(v) {
         Some(i) => Ok(i),
-        None => integer(v)?
-            .to_i64()
-            .map_err(|_| "is out of range for a signed 64-bit integer".into()),
+        None => i64_other(v),
     }
 }
 
+#[cold]
+#[inline(never)]
+fn i64_other(v: Value) -> Result<i64, Problem> {
+    integer(v)?
+        .to_i64()
+        .map_err(|_| "is out of range for a signed 64-bit integer".into())
+}
+
+/// A metric: a Float (most are flonums, read from the VALUE) or Integer.
+#[inline(always)]
 fn number(v: Value) -> Result<f64, Problem> {
+    match magnus::value::Flonum::from_value(v) {
+        Some(f) => Ok(f.to_f64()),
+        None => number_other(v),
+    }
+}
+
+#[inline(never)]
+fn number_other(v: Value) -> Result<f64, Problem> {
     if let Some(f) = Float::from_value(v) {
         return Ok(f.to_f64());
     }
@@ -545,19 +699,156 @@ fn foreach_fn() -> ForeachFn {
 }
 
 /// How Hashes are iterated, for the specs: `:direct` or `:public`.
+/// (`:table` when [`walk`] reads the Hash's table itself).
 pub fn hash_iteration(ruby: &Ruby) -> Symbol {
     let public = rb_sys::rb_hash_foreach as ForeachFn;
-    ruby.to_symbol(if foreach_fn() as usize == public as usize {
+    ruby.to_symbol(if WALK.load(Ordering::Relaxed) {
+        "table"
+    } else if foreach_fn() as usize == public as usize {
         "public"
     } else {
         "direct"
     })
 }
 
+/// Whether Hashes are walked by [`walk`] (see [`init_walk`]).
+static WALK: AtomicBool = AtomicBool::new(false);
+
+/// A Hash of Ruby 3.1 and 3.2 (`internal/hash.h`): `RBasic` (flags,
+/// klass), then a pointer to its table: with `FL_USER3` an `st_table`
+/// (public, `ruby/st.h`) whose entries are {hash, key, value}, a deleted
+/// one's hash all ones; else, possibly null, an array of 8 {key, value}
+/// pairs (a deleted one's key `Qundef`), the first `bound` (flags bits
+/// `FL_USHIFT + 8` to `+ 11`) in use. Later Rubies embed the table in the
+/// object instead: they use `rb_hash_stlike_foreach`.
+const LAYOUT_3_1: bool = rb_sys::RUBY_API_VERSION_MAJOR == 3
+    && (rb_sys::RUBY_API_VERSION_MINOR == 1 || rb_sys::RUBY_API_VERSION_MINOR == 2);
+const HASH_ST: usize = rb_sys::ruby_fl_type::RUBY_FL_USER3 as usize;
+const HASH_AR_BOUND_SHIFT: u32 = rb_sys::ruby_fl_ushift::RUBY_FL_USHIFT as u32 + 8;
+
+/// Walks a Hash's table in order, as `rb_hash_stlike_foreach` does, but
+/// inline, without a C call per entry. The table is found afresh for each
+/// entry (a callback that allocates may run a GC, which can move an array
+/// table out of the transient heap, or keys and values by compaction).
+#[inline(always)]
+fn walk(h: RHash, mut f: impl FnMut(Value, Value) -> bool) {
+    let p = h.as_raw() as *const usize;
+    // SAFETY (all reads below): `h` is a live Hash (on the stack, so not
+    // moved) of the layout above (checked at load by `init_walk`), and no
+    // Ruby code runs between a read and its use: its flags and table
+    // pointer are its words 0 and 2; an array table holds 8 pairs, read
+    // only below its bound (at most 8); an st_table's entries are read
+    // from its entries_start to its entries_bound.
+    if unsafe { p.read() } & HASH_ST == 0 {
+        for i in 0..8 {
+            let (k, v) = unsafe {
+                let bound = (p.read() >> HASH_AR_BOUND_SHIFT) & 0xf;
+                let table = p.add(2).read() as *const [usize; 2];
+                if table.is_null() || i >= bound {
+                    return;
+                }
+                let pair = table.add(i).read();
+                (pair[0], pair[1])
+            };
+            if k != rb_sys::Qundef as usize && !f(from_raw(k), from_raw(v)) {
+                return;
+            }
+        }
+    } else {
+        for i in 0.. {
+            let (hash, k, v) = unsafe {
+                let st = &*(p.add(2).read() as *const rb_sys::st_table);
+                let at = st.entries_start as usize + i;
+                if at >= st.entries_bound as usize {
+                    return;
+                }
+                let [hash, k, v] = (st.entries as *const [usize; 3]).add(at).read();
+                (hash, k, v)
+            };
+            if hash != usize::MAX && !f(from_raw(k), from_raw(v)) {
+                return;
+            }
+        }
+    }
+}
+
+/// An entry of a Hash [`walk`] read.
+#[inline(always)]
+fn from_raw(v: usize) -> Value {
+    // SAFETY: a live key or value of the Hash being walked.
+    unsafe { Value::from_raw(v as rb_sys::VALUE) }
+}
+
+/// Checks, once at load, that [`walk`] reads Hashes as
+/// `rb_hash_stlike_foreach` does on this Ruby (array and st tables, with
+/// deleted entries, compare_by_identity): else it is not used.
+fn init_walk() {
+    if !LAYOUT_3_1 || cfg!(not(target_pointer_width = "64")) {
+        return;
+    }
+    let mut all_agree = true;
+    for (n, deleted, identity) in [
+        (0, 0, false),
+        (1, 0, false),
+        (5, 2, false),
+        (8, 0, false),
+        (8, 7, false),
+        (9, 0, false),
+        (12, 3, false),
+        (40, 20, false),
+        (3, 1, true),
+    ] {
+        // SAFETY: plain Hash API calls at load (no iteration running);
+        // `h` is kept on the stack while it is read.
+        let h = unsafe {
+            let h = rb_sys::rb_hash_new();
+            if identity {
+                rb_sys::rb_funcallv(
+                    h,
+                    rb_sys::rb_intern(c"compare_by_identity".as_ptr()),
+                    0,
+                    std::ptr::null(),
+                );
+            }
+            for i in 0..n {
+                rb_sys::rb_hash_aset(h, rb_sys::rb_int2inum(i * 7 + 1), rb_sys::rb_int2inum(i));
+            }
+            for i in 0..deleted {
+                rb_sys::rb_hash_delete(h, rb_sys::rb_int2inum((i * 3 % n.max(1)) * 7 + 1));
+            }
+            RHash::from_value(Value::from_raw(h))
+        };
+        let Some(h) = h else { return };
+        let mut expected = Vec::new();
+        each_pair_foreach(h, |k, v| {
+            expected.push((k.as_raw(), v.as_raw()));
+            true
+        });
+        let mut got = Vec::new();
+        walk(h, |k, v| {
+            got.push((k.as_raw(), v.as_raw()));
+            true
+        });
+        all_agree &= got == expected && got.len() == h.len();
+        std::hint::black_box(h);
+    }
+    WALK.store(all_agree, Ordering::Relaxed);
+}
+
 /// Iterates a Hash without `rb_protect`: the callback must not raise nor
 /// run Ruby code (it only reads values, and every magnus call that could
 /// raise is protected by magnus itself). `f` returns false to stop.
-pub fn each_pair<F: FnMut(Value, Value) -> bool>(h: RHash, mut f: F) {
+#[inline(always)]
+pub fn each_pair<F: FnMut(Value, Value) -> bool>(h: RHash, f: F) {
+    if WALK.load(Ordering::Relaxed) {
+        walk(h, f)
+    } else {
+        each_pair_foreach(h, f)
+    }
+}
+
+/// [`each_pair`] by the Hash iterator Ruby exports.
+fn each_pair_foreach<F: FnMut(Value, Value) -> bool>(h: RHash, mut f: F) {
     unsafe extern "C" fn call<F: FnMut(Value, Value) -> bool>(
         k: rb_sys::VALUE,
         v: rb_sys::VALUE,
@@ -919,6 +1210,8 @@ pub(crate) fn receiver<'a, T: TypedData>(v: Value) -> Result<&'a T, Error> {
 
 pub fn init(ruby: &Ruby) {
     foreach_fn();
+    init_bignum();
+    init_walk();
     FIELD_SYMBOLS.get_or_init(|| {
         FIELDS
             .iter()
@@ -970,29 +1263,45 @@ fn fields(
     let mut problem = None;
     let mut hint = 0;
     let syms = FIELD_SYMBOLS.get().map_or(&[][..], Vec::as_slice);
-    each_pair(h, |k, v| {
-        let name = match field_symbol(syms, k, &mut hint) {
-            Some(name) => Ok(Some(name)),
-            None => field_other(k),
-        };
-        let result = match name {
-            Ok(Some(name)) => f(name, v),
-            Ok(None) => Ok(()),
-            Err(p) => Err(("key".to_owned(), p)),
-        };
-        match result {
-            Ok(()) => true,
-            Err(p) => {
-                problem = Some(p);
-                false
+    each_pair(
+        h,
+        #[inline(always)]
+        |k, v| {
+            let name = match field_symbol(syms, k, &mut hint) {
+                Some(name) => name,
+                None => match field_other(k) {
+                    Ok(Some(name)) => name,
+                    Ok(None) => return true,
+                    Err(p) => {
+                        problem = Some(("key".to_owned(), p));
+                        return false;
+                    }
+                },
+            };
+            match f(name, v) {
+                Ok(()) => true,
+                Err(p) => {
+                    problem = Some(p);
+                    false
+                }
             }
-        }
-    });
+        },
+    );
     problem.map_or(Ok(()), Err)
 }
 
+#[inline(always)]
 fn at<T>(field: Field, r: Result<T, Problem>) -> Result<T, (String, Problem)> {
-    r.map_err(|p| (field.name().to_owned(), p))
+    match r {
+        Ok(v) => Ok(v),
+        Err(p) => Err(placed(field, p)),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn placed(field: Field, p: Problem) -> (String, Problem) {
+    (field.name().to_owned(), p)
 }
 
 fn span_link(ruby: &Ruby, v: Value) -> Result<SpanLink, Problem> {
@@ -1090,7 +1399,19 @@ fn opt_pairs<T>(
     pairs(ruby, hash(v)?, f)
 }
 
+#[inline(always)]
 fn error_flag(ruby: &Ruby, v: Value) -> Result<i32, Problem> {
+    if let Some(i) = fixnum(v) {
+        if let Ok(i) = i32::try_from(i) {
+            return Ok(i);
+        }
+    }
+    error_other(ruby, v)
+}
+
+#[cold]
+#[inline(never)]
+fn error_other(ruby: &Ruby, v: Value) -> Result<i32, Problem> {
     if v.is_nil() || v.as_raw() == ruby.qfalse().as_value().as_raw() {
         return Ok(0);
     }
@@ -1108,60 +1429,50 @@ fn span(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<(), (String, Problem)>
     let mut s = Span::default();
     let mut rare: Option<SpanExtras> = None;
     let (mut has_trace, mut has_span, mut has_name) = (false, false, false);
-    fields(h, |name, v| {
-        match name {
-            Field::TraceId => {
-                s.trace_id = at(name, b.trace_id(v))?;
-                has_trace = true;
-            }
-            Field::SpanId => {
-                s.span_id = at(name, nonzero(id64(v)))?;
-                has_span = true;
-            }
-            Field::ParentId if !v.is_nil() => s.parent_id = at(name, b.parent_id(v))?,
-            Field::Name => {
-                s.name = at(name, text(ruby, b, v))?;
-                has_name = true;
-            }
-            Field::Service => s.service = at(name, opt_text(ruby, b, v))?,
-            Field::Resource => s.resource = at(name, opt_text(ruby, b, v))?,
-            Field::Type => s.r#type = at(name, opt_text(ruby, b, v))?,
-            Field::Start if !v.is_nil() => s.start = at(name, i64_field(v))?,
-            Field::Duration if !v.is_nil() => {
-                s.duration = at(name, i64_field(v))?;
-                if s.duration < 0 {
-                    return Err((name.name().into(), "must not be negative".into()));
+    fields(
+        h,
+        #[inline(always)]
+        |name, v| {
+            match name {
+                Field::TraceId => {
+                    s.trace_id = at(name, b.trace_id(v))?;
+                    has_trace = true;
                 }
+                Field::SpanId => {
+                    s.span_id = at(name, nonzero(id64(v)))?;
+                    has_span = true;
+                }
+                Field::ParentId if !v.is_nil() => s.parent_id = at(name, b.parent_id(v))?,
+                Field::Name => {
+                    s.name = at(name, text(ruby, b, v))?;
+                    has_name = true;
+                }
+                Field::Service => s.service = at(name, opt_text(ruby, b, v))?,
+                Field::Resource => s.resource = at(name, opt_text(ruby, b, v))?,
+                Field::Type => s.r#type = at(name, opt_text(ruby, b, v))?,
+                Field::Start if !v.is_nil() => s.start = at(name, i64_field(v))?,
+                Field::Duration if !v.is_nil() => {
+                    s.duration = at(name, i64_field(v))?;
+                    if s.duration < 0 {
+                        return Err((name.name().into(), "must not be negative".into()));
+                    }
+                }
+                Field::Error => s.error = at(name, error_flag(ruby, v))?,
+                Field::Meta => s.meta = at(name, entries(ruby, b, v, text, |t| &mut t.meta))?,
+                Field::Metrics => {
+                    s.metrics = at(
+                        name,
+                        entries(ruby, b, v, |_, _, v| number(v), |t| &mut t.metrics),
+                    )?
+                }
+                Field::MetaStruct | Field::SpanLinks | Field::SpanEvents => {
+                    rare_field(ruby, b, &mut rare, name, v)?
+                }
+                _ => {}
             }
-            Field::Error => s.error = at(name, error_flag(ruby, v))?,
-            Field::Meta => s.meta = at(name, entries(ruby, b, v, text, |t| &mut t.meta))?,
-            Field::Metrics => {
-                s.metrics = at(
-                    name,
-                    entries(ruby, b, v, |_, _, v| number(v), |t| &mut t.metrics),
-                )?
-            }
-            // The rare fields may transcode (allocate) without the
-            // builder knowing: it forgets what it remembers by address.
-            Field::MetaStruct => {
-                rare.get_or_insert_with(SpanExtras::default).meta_struct =
-                    at(name, opt_pairs(ruby, v, meta_struct_value))?;
-                b.forget();
-            }
-            Field::SpanLinks => {
-                rare.get_or_insert_with(SpanExtras::default).span_links =
-                    at(name, list(ruby, v, span_link))?;
-                b.forget();
-            }
-            Field::SpanEvents => {
-                rare.get_or_insert_with(SpanExtras::default).span_events =
-                    at(name, list(ruby, v, span_event))?;
-                b.forget();
-            }
-            _ => {}
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     if !(has_trace && has_span && has_name) {
         let field = match (has_trace, has_span) {
             (false, _) => "trace_id",
@@ -1174,6 +1485,30 @@ fn span(ruby: &Ruby, b: &mut Builder, v: Value) -> Result<(), (String, Problem)>
         s.extras = b.trace.push_extras(rare);
     }
     b.trace.spans.push(s);
+    Ok(())
+}
+
+/// A rare span field (meta_struct, span_links, span_events), into
+/// `rare`. Out of line, so that the common fields' path stays small.
+#[cold]
+#[inline(never)]
+fn rare_field(
+    ruby: &Ruby,
+    b: &mut Builder,
+    rare: &mut Option<SpanExtras>,
+    name: Field,
+    v: Value,
+) -> Result<(), (String, Problem)> {
+    let rare = rare.get_or_insert_with(SpanExtras::default);
+    match name {
+        Field::MetaStruct => rare.meta_struct = at(name, opt_pairs(ruby, v, meta_struct_value))?,
+        Field::SpanLinks => rare.span_links = at(name, list(ruby, v, span_link))?,
+        Field::SpanEvents => rare.span_events = at(name, list(ruby, v, span_event))?,
+        _ => {}
+    }
+    // These may transcode (allocate) without the builder knowing: it
+    // forgets what it remembers by address.
+    b.forget();
     Ok(())
 }
 

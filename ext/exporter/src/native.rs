@@ -80,5 +80,9 @@ pub fn init(module: RModule) -> Result<(), Error> {
         "hash_iteration",
         function!(crate::convert::hash_iteration, 0),
     )?;
+    native.define_singleton_method(
+        "bignum_reading",
+        function!(crate::convert::bignum_reading, 0),
+    )?;
     Ok(())
 }
