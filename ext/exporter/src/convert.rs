@@ -720,9 +720,11 @@ static WALK: AtomicBool = AtomicBool::new(false);
 /// one's hash all ones; else, possibly null, an array of 8 {key, value}
 /// pairs (a deleted one's key `Qundef`), the first `bound` (flags bits
 /// `FL_USHIFT + 8` to `+ 11`) in use. Later Rubies embed the table in the
-/// object instead: they use `rb_hash_stlike_foreach`.
-const LAYOUT_3_1: bool = rb_sys::RUBY_API_VERSION_MAJOR == 3
-    && (rb_sys::RUBY_API_VERSION_MINOR == 1 || rb_sys::RUBY_API_VERSION_MINOR == 2);
+/// object instead: they use `rb_hash_stlike_foreach`. Ruby 3.1 only: the
+/// check at load follows the table pointer, so it cannot catch a layout it
+/// was not written for without risking the process; 3.2 (likely the same
+/// layout, not tested here) takes the C iterator too.
+const LAYOUT_3_1: bool = rb_sys::RUBY_API_VERSION_MAJOR == 3 && rb_sys::RUBY_API_VERSION_MINOR == 1;
 const HASH_ST: usize = rb_sys::ruby_fl_type::RUBY_FL_USER3 as usize;
 const HASH_AR_BOUND_SHIFT: u32 = rb_sys::ruby_fl_ushift::RUBY_FL_USHIFT as u32 + 8;
 
