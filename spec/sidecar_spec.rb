@@ -98,6 +98,33 @@ RSpec.describe Exporter::Sidecar do
     expect(got.map { |t| t.first["trace_id"] }.uniq.sort).to eq((300...320).to_a)
   end
 
+  # Puma's master runs its graceful stop from its SIGTERM trap, which may
+  # land while it forks (its listener paused): its workers exit meanwhile.
+  # At exit a handover waits 2 s at most, so what the listener did not
+  # take still goes direct within the 5 s exit budget.
+  it "a child exiting while the listener does not read sends direct within its exit budget" do
+    Exporter::Native.sidecar_test_stall(true)
+    r, w = IO.pipe
+    pid = fork do
+      r.close
+      $stderr.reopen(w)
+      (400...410).each { |id| writer.write(trace(id)) }
+      exit(0) # no flush: the exit flush does it
+    end
+    w.close
+    started = monotonic
+    status = wait_bounded(pid, timeout: 30)
+    took = monotonic - started
+    err = r.read
+    r.close
+    expect(status).to be_success
+    expect(err).to match(/did not answer within 2 s/)
+    expect(err).not_to match(/lost/)
+    expect(took).to be < 5.0
+    got = eventually(timeout: 10) { (t = agent.traces).size >= 10 && t }
+    expect(got.map { |t| t.first["trace_id"] }.uniq.sort).to eq((400...410).to_a)
+  end
+
   it "a child of a child runs direct (Puma's fork_worker, a fork inside a worker)" do
     report = in_child do
       grandchild = in_child do

@@ -56,6 +56,7 @@ module Exporter
       def run(timeout: TIMEOUT, log: $stderr)
         deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
         Runtime.resume_if_left_paused
+        Native.exiting # a sidecar handover now waits 2 s at most, leaving time to send direct
         live = @live.keys.reject(&:stopped?)
         live.each do |f|
           left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)

@@ -72,6 +72,7 @@ pub fn init(module: RModule) -> Result<(), Error> {
     native.define_singleton_method("after_fork_child", function!(after_fork_child, 0))?;
     native.define_singleton_method("after_daemon", function!(after_daemon, 0))?;
     native.define_singleton_method("sidecar_test_stall", function!(sidecar::test_stall, 1))?;
+    native.define_singleton_method("exiting", function!(sidecar::client::exiting, 0))?;
     native.define_singleton_method("runtime_running?", function!(runtime::is_running, 0))?;
     native.define_singleton_method("fork_in_progress?", function!(runtime::fork_in_progress, 0))?;
     native.define_singleton_method("runtime_generation", function!(runtime::generation, 0))?;

@@ -42,6 +42,30 @@ use crate::log::ProblemLog;
 /// How long a handover may wait for its answer (and a write for room).
 pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The wait once the process is exiting ([`exiting`]): short enough that
+/// what the listener did not take can still go direct within the exit
+/// flush's budget (5 s). A listener that does not answer within it is
+/// paused (its master forking: Puma runs its whole graceful stop from a
+/// trap handler that may land mid-fork) or gone.
+pub const EXIT_HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
+
+static EXITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks the process as exiting: later handovers wait at most
+/// [`EXIT_HANDOVER_TIMEOUT`].
+pub fn exiting() {
+    EXITING.store(true, Ordering::Relaxed);
+}
+
+/// How long a handover started now may wait.
+pub fn handover_timeout() -> Duration {
+    if EXITING.load(Ordering::Relaxed) {
+        EXIT_HANDOVER_TIMEOUT
+    } else {
+        HANDOVER_TIMEOUT
+    }
+}
+
 /// Why a payload was not handed over (the caller sends it direct).
 #[derive(Debug)]
 pub enum HandoverError {
@@ -72,7 +96,7 @@ impl std::fmt::Display for HandoverError {
             HandoverError::Timeout => write!(
                 f,
                 "sidecar did not answer within {} s",
-                HANDOVER_TIMEOUT.as_secs_f64()
+                handover_timeout().as_secs_f64()
             ),
             HandoverError::Io(e) => write!(f, "sidecar connection: {e}"),
             HandoverError::Wait(e) => write!(f, "cannot wait on the sidecar connection: {e}"),
@@ -301,7 +325,7 @@ impl Client {
         head: &[u8],
         body: &[u8],
     ) -> Result<bytes::Bytes, HandoverError> {
-        let deadline = Instant::now() + HANDOVER_TIMEOUT;
+        let deadline = Instant::now() + handover_timeout();
         if let State::Broken(why) = &c.session.state {
             return Err(HandoverError::Broken(why.clone()));
         }
