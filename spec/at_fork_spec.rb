@@ -102,6 +102,26 @@ RSpec.describe Exporter::AtFork do
     t.close
   end
 
+  it "a :parent hook's error is raised after a fork that went well, even from inside a rescue clause" do
+    hook(:parent) { raise "parent hook bug" }
+    r, w = IO.pipe
+    begin
+      raise "the application's own error"
+    rescue RuntimeError
+      expect do
+        fork do
+          w.puts(Process.pid)
+          exit!(0)
+        end
+      end.to raise_error(RuntimeError, "parent hook bug")
+    end
+    w.close
+    # The fork itself happened (the error came after it): reap its child.
+    pid = Timeout.timeout(10) { r.gets }.to_i
+    r.close
+    expect(wait_bounded(pid)).to be_success
+  end
+
   it "at exit, a runtime left paused by a cut-short fork is resumed and what was queued is sent" do
     agent = TestAgent.shared.clear
     pid = fork do

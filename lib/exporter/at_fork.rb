@@ -69,6 +69,7 @@ module Exporter
       def around_fork(daemon: false)
         begun = []
         all_begun = false
+        raised = true
         result = nil
         begin
           hooks(:before).reverse_each do |h|
@@ -77,8 +78,9 @@ module Exporter
           end
           all_begun = true
           result = yield
+          raised = false
         ensure
-          undo(all_begun ? nil : begun, $!) unless result&.zero?
+          undo(all_begun ? nil : begun, raised) unless result&.zero?
         end
         run_child(daemon: daemon) if result.zero?
         result
@@ -102,13 +104,13 @@ module Exporter
         nil
       end
 
-      # Runs the :parent hooks after a fork (of `owners`, or all). While
-      # `in_flight` (what stopped the fork) propagates, an error of theirs
-      # does not replace it.
-      def undo(owners, in_flight)
+      # Runs the :parent hooks after a fork (of `owners`, or all). While an
+      # exception propagates (`raised`: what stopped the fork), an error of
+      # theirs does not replace it.
+      def undo(owners, raised)
         run_parent(only_owners: owners)
       rescue Exception # rubocop:disable Lint/RescueException
-        raise unless in_flight
+        raise unless raised
       end
 
       # Runs :child hooks. `daemon: true` in the process that continues
