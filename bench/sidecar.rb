@@ -424,6 +424,12 @@ MICRO_DIFFS = %i[write_us_per_span child_rt_us_per_span parent_rt_us_per_span rt
 
 MODES = %w[auto off].freeze
 
+# The head of a table with a column per mode and one with every round.
+def mode_table_head(lines, first)
+  lines << "| #{first} | #{MODES.map { |m| "sidecar #{m}" }.join(' | ')} | rounds (on / off) |"
+  lines << "|---|#{MODES.map { '---:' }.join('|')}|---|"
+end
+
 def table_rows(lines, runs, keys)
   keys.each do |k|
     meds = MODES.map { |m| median(runs[m].map { |row| row[k] }) }
@@ -462,8 +468,7 @@ begin
              "#{SPANS}-span trace (#{REQUESTS * SPANS} spans) per run, ddapm-test-agent; median of #{ROUNDS} rounds " \
              "per mode (modes alternate). #{Etc.nprocessors} CPUs, shared. `auto` = sidecar on, `off` = direct."
     lines << ""
-    lines << "| metric | #{MODES.map { |m| "sidecar #{m}" }.join(' | ')} | rounds (on / off) |"
-    lines << "|---|#{MODES.map { '---:' }.join('|')}|---|"
+    mode_table_head(lines, "metric")
     table_rows(lines, runs, runs["auto"].first.keys - [:mode])
     lines << ""
   end
@@ -472,8 +477,7 @@ begin
            "rounds per mode, each round both modes back to back (order alternating). " \
            "#{Etc.nprocessors} CPUs, shared; `load_1m`: the 1-minute load average (the higher of start and end of the run)."
   lines << ""
-  lines << "| micro: µs per span | #{MODES.map { |m| "sidecar #{m}" }.join(' | ')} | rounds (on / off) |"
-  lines << "|---|#{MODES.map { '---:' }.join('|')}|---|"
+  mode_table_head(lines, "micro: µs per span")
   table_rows(lines, micro, micro["auto"].first.keys - [:mode])
   lines << ""
   lines << "| micro: on − off, µs per span | median of the rounds' differences | per round | rounds lower with the sidecar |"
@@ -483,8 +487,7 @@ begin
     lines << "| #{k} | #{median(d)&.round(2)} | #{d.join(' ')} | #{d.count(&:negative?)} of #{d.size} |"
   end
   lines << ""
-  lines << "| fork per job | #{MODES.map { |m| "sidecar #{m}" }.join(' | ')} | rounds (on / off) |"
-  lines << "|---|#{MODES.map { '---:' }.join('|')}|---|"
+  mode_table_head(lines, "fork per job")
   jobs_meds = MODES.map { |m| median(jobs[m].map { |j| j[:ms_per_job] }) }
   arrived = MODES.map { |m| jobs[m].map { |j| j[:arrived] }.min }
   lines << "| fork per job: ms per job (fork, write, flush, exit!) x #{JOBS} | #{jobs_meds.join(' | ')} | " \

@@ -8,6 +8,14 @@ RSpec.describe Exporter::AtFork do
     @handles.each { |h| described_class.remove_at_fork(h.stage, h) }
   end
 
+  # A send through a new transport reaches the agent: the runtime runs.
+  def expect_sends_work
+    t = Exporter::Transport.new(url: TestAgent.shared.clear.url)
+    expect(t.send_traces([SpanFactory.trace(1)])).to be_ok
+  ensure
+    t&.close
+  end
+
   def hook(stage, owner: nil, &blk)
     described_class.at_fork(stage, owner: owner, &blk).tap { |h| @handles << h }
   end
@@ -95,11 +103,7 @@ RSpec.describe Exporter::AtFork do
     end.to raise_error(SignalException)
     expect(undone).to eq(%i[a b a b])
     pids.each { |pid| wait_bounded(pid) }
-    # The runtime was paused and resumed around both forks: sends work.
-    agent = TestAgent.shared.clear
-    t = Exporter::Transport.new(url: agent.url)
-    expect(t.send_traces([SpanFactory.trace(1)])).to be_ok
-    t.close
+    expect_sends_work # the runtime was paused and resumed around both forks
   end
 
   it "a :parent hook's error is raised after a fork that went well, even from inside a rescue clause" do
@@ -180,11 +184,7 @@ RSpec.describe Exporter::AtFork do
     failing.singleton_class.prepend(Exporter::AtFork::ProcessPatch)
     expect { failing._fork }.to raise_error(Errno::EAGAIN)
     expect(events).to eq(%i[before parent])
-    # The runtime hooks ran too: it was stopped and restarted, and sends work.
-    agent = TestAgent.shared.clear
-    t = Exporter::Transport.new(url: agent.url)
-    expect(t.send_traces([SpanFactory.trace(1)])).to be_ok
-    t.close
+    expect_sends_work # the runtime hooks ran too: it was stopped and restarted
   end
 
   it "Process.daemon runs :before then :child" do

@@ -31,17 +31,32 @@ RSpec.describe Exporter::Sidecar do
     expect(got.map { |t| t.first["trace_id"] }.sort).to eq(ids.sort)
   end
 
-  # Runs the block in a forked child that reports a Hash back as JSON.
-  def in_child(timeout: 30)
+  # Each id arrived, at least once (sent direct: no listener involved).
+  def expect_arrived(ids)
+    got = eventually(timeout: 10) { (t = agent.traces).size >= ids.size && t }
+    expect(got.map { |t| t.first["trace_id"] }.uniq.sort).to eq(ids.sort)
+  end
+
+  # Runs the block in a forked child (fork_and_wait: exit! 0, or 1 if it
+  # raised) with the write end of a pipe; [its exit status, all it wrote].
+  def fork_reading(timeout: 30)
     r, w = IO.pipe
     status = fork_and_wait(timeout: timeout) do
       r.close
+      yield w
+    end
+    w.close
+    [status, r.read]
+  ensure
+    r&.close
+  end
+
+  # Runs the block in a forked child that reports a Hash back as JSON.
+  def in_child(timeout: 30)
+    status, out = fork_reading(timeout: timeout) do |w|
       w.write(JSON.generate(yield))
       w.close
     end
-    w.close
-    out = r.read
-    r.close
     expect(status).to be_success
     JSON.parse(out, symbolize_names: true)
   end
@@ -78,24 +93,18 @@ RSpec.describe Exporter::Sidecar do
 
   it "with the listener unable to read, the child sends direct, counted, and a SIGKILL after flush loses nothing" do
     Exporter::Native.sidecar_test_stall(true)
-    r, w = IO.pipe
-    pid = fork do
-      r.close
+    status, out = fork_reading do |w|
       (300...320).each { |id| writer.write(trace(id)) }
       w.puts(JSON.generate(flushed: writer.flush(timeout: 15), counters: described_class.status[:counters]))
       w.close
       Process.kill(:KILL, Process.pid)
     end
-    w.close
-    status = wait_bounded(pid, timeout: 30)
-    report = JSON.parse(r.read, symbolize_names: true)
-    r.close
+    report = JSON.parse(out, symbolize_names: true)
     expect(status.termsig).to eq(Signal.list["KILL"])
     expect(report[:flushed]).to be(true)
     expect(report[:counters]).to include(traces_direct: 20, traces_handed_over: 0)
     expect(report[:counters][:frames_timed_out]).to be >= 1
-    got = eventually(timeout: 10) { (t = agent.traces).size >= 20 && t }
-    expect(got.map { |t| t.first["trace_id"] }.uniq.sort).to eq((300...320).to_a)
+    expect_arrived((300...320).to_a)
   end
 
   # Puma's master runs its graceful stop from its SIGTERM trap, which may
@@ -104,22 +113,15 @@ RSpec.describe Exporter::Sidecar do
   # take still goes direct within the 5 s exit budget.
   it "a child exiting while the listener does not read sends direct within its exit budget" do
     Exporter::Native.sidecar_test_stall(true)
-    r, w = IO.pipe
-    pid = fork do
-      r.close
+    status, err = fork_reading do |w|
       $stderr.reopen(w)
       (400...410).each { |id| writer.write(trace(id)) }
-      exit(0) # no flush: the exit flush does it
+      Exporter::ExitFlush.run # what the process's at_exit runs; no flush before it
     end
-    w.close
-    status = wait_bounded(pid, timeout: 30)
-    err = r.read
-    r.close
     expect(status).to be_success
     expect(err).to match(/did not answer within 2 s/)
     expect(err).not_to match(/lost/) # the exit report: nothing left unsent after its 5 s
-    got = eventually(timeout: 10) { (t = agent.traces).size >= 10 && t }
-    expect(got.map { |t| t.first["trace_id"] }.uniq.sort).to eq((400...410).to_a)
+    expect_arrived((400...410).to_a)
   end
 
   it "a child of a child runs direct (Puma's fork_worker, a fork inside a worker)" do
