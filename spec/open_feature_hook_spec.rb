@@ -130,6 +130,26 @@ RSpec.describe Exporter::OpenFeature::Hook do
     expect(evals.stats).to include(recorded: 4, hook_failures: 0)
   end
 
+  it "finds the targeting key in fields of any size, as fields[\"targeting_key\"] does" do
+    hook = described_class.new(evaluations: evals)
+    context = Struct.new(:fields)
+    consent = { "observe_full_evaluation_data" => true }
+    # Read in one pass (small, a binary String key too) and by lookup (large);
+    # a Symbol key is not "targeting_key".
+    finally(hook, flag: "small", context: context.new({ "plan" => "pro", "targeting_key".b => "u-small" }),
+                  metadata: consent)
+    finally(hook, flag: "large", context: context.new((1..20).to_h { |i| ["f#{i}", i] }.merge("targeting_key" => "u-large")),
+                  metadata: consent)
+    finally(hook, flag: "symbol", context: context.new({ targeting_key: "u-symbol" }), metadata: consent)
+    expect(evals.flush(timeout: 5)).to be(true)
+    rows = server.rows.to_h { |r| [r["flag"]["key"], r] }
+    expect(rows["small"]).to include("targeting_key" => "u-small", "context" => { "evaluation" => { "plan" => "pro" } })
+    expect(rows["large"]).to include("targeting_key" => "u-large")
+    expect(rows["large"]["context"]["evaluation"]).not_to have_key("targeting_key")
+    expect(rows["symbol"]).not_to have_key("targeting_key")
+    expect(evals.stats).to include(recorded: 3, hook_failures: 0)
+  end
+
   it "records exposures when evaluation counts are turned off" do
     previous = ENV.fetch("DD_FLAGGING_EVALUATION_COUNTS_ENABLED", nil)
     ENV["DD_FLAGGING_EVALUATION_COUNTS_ENABLED"] = "false"

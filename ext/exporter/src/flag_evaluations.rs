@@ -315,9 +315,32 @@ const METADATA_KEYS: [&str; 5] = [
     "dd.eval.timestamp_ms",
     "observe_full_evaluation_data",
 ];
-/// Up to this many entries, `flag_metadata` is read in one pass comparing
-/// keys: cheaper than hashing each of the five keys to look it up.
-const SMALL_METADATA: usize = 8;
+/// Up to this many entries, `flag_metadata` and the context's fields are
+/// read in one pass comparing keys ([`string_keys`]): cheaper than hashing
+/// each key looked up (and no `rb_protect` frame).
+const SMALL_HASH: usize = 8;
+
+/// The values of the String keys `keys` in `h`, in one pass comparing
+/// bytes, as `h[key]` finds them for these ASCII keys (without a default;
+/// in a `compare_by_identity` Hash too, where `[]` would want the very
+/// object); None where absent. Only reads: no Ruby code runs (see
+/// `each_pair`).
+fn string_keys<const N: usize>(h: RHash, keys: [&str; N]) -> [Option<Value>; N] {
+    let mut found = [None; N];
+    convert::each_pair(h, |k, v| {
+        if let Some(k) = RString::from_value(k) {
+            // Lengths first: most keys are not wanted.
+            let len = k.len();
+            // SAFETY: compared before any Ruby code can run.
+            let wanted = |m: &&str| m.len() == len && m.as_bytes() == unsafe { k.as_slice() };
+            if let Some(i) = keys.iter().position(wanted) {
+                found[i] = Some(v);
+            }
+        }
+        true
+    });
+    found
+}
 
 static AREF: LazyId = LazyId::new("[]");
 static TARGETING_KEY_STRING: Lazy<RString> = Lazy::new(|ruby| {
@@ -354,6 +377,10 @@ impl Hook {
         } else {
             let key = ruby.get_inner(&TARGETING_KEY_STRING);
             match RHash::from_value(fields) {
+                Some(h) if h.len() <= SMALL_HASH => {
+                    let [v] = string_keys(h, [TARGETING_KEY]);
+                    v.unwrap_or(nil)
+                }
                 Some(h) => h.get(key).unwrap_or(nil),
                 None => fields.funcall(LazyId::get_inner_with(&AREF, ruby), (key,))?,
             }
@@ -384,19 +411,7 @@ impl Hook {
             return Ok(found);
         }
         match RHash::from_value(meta) {
-            Some(h) if h.len() <= SMALL_METADATA => {
-                // Only reads: no Ruby code runs (see `each_pair`).
-                convert::each_pair(h, |k, v| {
-                    if let Some(k) = RString::from_value(k) {
-                        // SAFETY: compared before any Ruby code can run.
-                        let k = unsafe { k.as_slice() };
-                        if let Some(i) = METADATA_KEYS.iter().position(|m| m.as_bytes() == k) {
-                            found[i] = Some(v);
-                        }
-                    }
-                    true
-                });
-            }
+            Some(h) if h.len() <= SMALL_HASH => found = string_keys(h, METADATA_KEYS),
             Some(h) => {
                 for (slot, key) in found.iter_mut().zip(METADATA_KEYS) {
                     *slot = h.get(ruby.str_new(key));
