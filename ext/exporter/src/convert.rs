@@ -15,6 +15,7 @@
 
 use exporter_core::span::{
     AttributeValue, Entries, SizeHint, Span, SpanEvent, SpanExtras, SpanLink, Str, Trace,
+    TRACE_POOL,
 };
 use magnus::encoding::Coderange;
 use magnus::encoding::EncodingCapable;
@@ -106,11 +107,11 @@ struct Builder {
 
 impl Builder {
     fn new(spans: usize) -> Builder {
+        // Storage of a trace already sent, still in cache (see `TracePool`).
+        let mut trace = TRACE_POOL.take();
+        trace.spans.reserve(spans);
         Builder {
-            trace: Trace {
-                spans: Vec::with_capacity(spans),
-                ..Trace::default()
-            },
+            trace,
             seen: Seen::new(),
             trace_id: LastId::NONE,
             parent_id: LastId::NONE,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use exporter_core::agent::{Config, SendReport, TraceExporter};
 use exporter_core::encode::Protocol;
 use exporter_core::retry::RetryPolicy;
-use exporter_core::span::{SpanDefaults, Trace};
+use exporter_core::span::{SpanDefaults, Trace, TRACE_POOL};
 use magnus::{function, method, prelude::*, Error, RHash, RModule, Ruby, Symbol, Value};
 
 use crate::gvl::{self, Ran};
@@ -85,7 +85,9 @@ impl Transport {
         let exporter = self.exporter.clone();
         Ok(
             match gvl::run(ruby, move |generation| async move {
-                exporter.send(&traces, generation, None).await
+                let report = exporter.send(&traces, generation, None).await;
+                TRACE_POOL.give(traces);
+                report
             })? {
                 Ran::Done(report) => report,
                 Ran::Abandoned => {

@@ -67,6 +67,12 @@ pub trait BatchSink<T>: Send + Sync + 'static {
 
     /// Forgets state inherited by a forked child.
     fn reset_in_child(&self) {}
+
+    /// Takes the items done with (sent, failed or dropped): dropped here,
+    /// unless the sink has a use for their storage.
+    fn recycle(&self, items: Vec<T>) {
+        drop(items);
+    }
 }
 
 impl BatchSink<Trace> for Arc<TraceExporter> {
@@ -81,6 +87,10 @@ impl BatchSink<Trace> for Arc<TraceExporter> {
 
     fn attempt_timeout(&self) -> Duration {
         TraceExporter::attempt_timeout(self)
+    }
+
+    fn recycle(&self, traces: Vec<Trace>) {
+        crate::span::TRACE_POOL.give(traces);
     }
 }
 
@@ -232,6 +242,7 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
             drop(q);
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             self.lost_max.fetch_max(seq, Ordering::AcqRel);
+            self.sink.recycle(vec![item]);
             return false;
         }
         q.push_back((seq, item));
@@ -391,6 +402,7 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
         if let Some(last) = settled_max {
             self.done.send_modify(|d| *d = (*d).max(last));
         }
+        self.sink.recycle(batch);
         kept > 0
     }
 

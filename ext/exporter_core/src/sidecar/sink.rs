@@ -147,6 +147,10 @@ impl BatchSink<Trace> for Sidecar<Arc<TraceExporter>> {
         self.inner.attempt_timeout() + HANDOVER_TIMEOUT
     }
 
+    fn recycle(&self, traces: Vec<Trace>) {
+        crate::span::TRACE_POOL.give(traces);
+    }
+
     fn reset_in_child(&self) {
         BatchSink::<Trace>::reset_in_child(&self.inner);
     }
