@@ -51,6 +51,9 @@ fn with_text_noting<R>(
     v: Value,
     f: impl FnOnce(&str) -> R,
 ) -> Result<(R, bool), Problem> {
+    if let Some(text) = ascii_text(v) {
+        return Ok((f(text), false));
+    }
     let s = RString::from_value(v).ok_or_else(|| expected("a String", v))?;
     // Fast path: 7-bit strings (the coderange is cached on the string after
     // its first scan; Ruby only gives it to ASCII-compatible encodings) are
@@ -85,6 +88,43 @@ fn with_text_noting<R>(
         Err(_) => f(&String::from_utf8_lossy(bytes)),
     };
     Ok((r, !as_is))
+}
+
+/// The text of `v` if it is a String known to be 7-bit (its coderange,
+/// cached in its flags once scanned): valid UTF-8 as it is, whatever its
+/// (ASCII-compatible) encoding. `None` for anything else, which the caller
+/// reads the general way.
+///
+/// Almost every text a tracer or a flag provider passes is such a String,
+/// and reading one is the commonest thing conversion does: this reads the
+/// flags once and the bytes in place, inline, where the general path
+/// spends ~100 instructions in calls and repeated type checks.
+#[inline(always)]
+pub(crate) fn ascii_text<'a>(v: Value) -> Option<&'a str> {
+    let raw = v.as_raw();
+    let special = raw & rb_sys::special_consts::IMMEDIATE_MASK as rb_sys::VALUE != 0
+        || raw & !(rb_sys::Qnil as rb_sys::VALUE) == 0;
+    if special {
+        return None;
+    }
+    // SAFETY: `v` is a live object: its flags are its first word.
+    let flags = unsafe { (*(raw as *const rb_sys::RBasic)).flags };
+    let string = flags & rb_sys::ruby_value_type::RUBY_T_MASK as rb_sys::VALUE
+        == rb_sys::ruby_value_type::RUBY_T_STRING as rb_sys::VALUE;
+    let seven_bit = flags & rb_sys::ruby_coderange_type::RUBY_ENC_CODERANGE_MASK as rb_sys::VALUE
+        == rb_sys::ruby_coderange_type::RUBY_ENC_CODERANGE_7BIT as rb_sys::VALUE;
+    if !(string && seven_bit) {
+        return None;
+    }
+    // SAFETY: a String's bytes, as this Ruby lays them out (rb-sys), used
+    // by the caller before any Ruby code can run; 7-bit bytes are UTF-8.
+    unsafe {
+        let bytes = std::slice::from_raw_parts(
+            rb_sys::RSTRING_PTR(raw) as *const u8,
+            rb_sys::RSTRING_LEN(raw) as usize,
+        );
+        Some(std::str::from_utf8_unchecked(bytes))
+    }
 }
 
 pub(crate) fn with_text<R>(ruby: &Ruby, v: Value, f: impl FnOnce(&str) -> R) -> Result<R, Problem> {
@@ -372,6 +412,9 @@ fn symbol_text<R>(ruby: &Ruby, s: Symbol, f: impl FnOnce(&str) -> R) -> Result<R
 
 /// Passes a Hash key (String or Symbol), as UTF-8, to `f`.
 pub(crate) fn key_with<R>(ruby: &Ruby, k: Value, f: impl FnOnce(&str) -> R) -> Result<R, Problem> {
+    if let Some(text) = ascii_text(k) {
+        return Ok(f(text));
+    }
     if let Some(sym) = Symbol::from_value(k) {
         return symbol_text(ruby, sym, f);
     }

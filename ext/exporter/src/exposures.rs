@@ -26,6 +26,9 @@ pub struct Exposures {
 /// A required String argument's bytes as they are (for the dedup key);
 /// the error names the field. Valid until Ruby code runs.
 fn bytes<'a>(ruby: &Ruby, v: Value, field: &str) -> Result<&'a [u8], Error> {
+    if let Some(text) = convert::ascii_text(v) {
+        return Ok(text.as_bytes());
+    }
     let s = RString::from_value(v).ok_or_else(|| {
         errors::argument(
             ruby,

@@ -44,6 +44,10 @@ fn put_text(ruby: &Ruby, p: &mut Packer, v: Value, name: &str) -> Result<(), Err
         p.none();
         return Ok(());
     }
+    if let Some(text) = convert::ascii_text(v) {
+        p.text(text);
+        return Ok(());
+    }
     if RString::from_value(v).is_none() && Symbol::from_value(v).is_none() {
         // SAFETY: the class name is copied before any Ruby code can run.
         let class = unsafe { v.classname() }.into_owned();
