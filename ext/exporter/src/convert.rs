@@ -148,7 +148,7 @@ struct Builder {
 impl Builder {
     fn new(spans: usize) -> Builder {
         // Storage of a trace already sent, still in cache (see `TracePool`).
-        let mut trace = TRACE_POOL.take();
+        let mut trace = TRACE_POOL.take().unwrap_or_default();
         trace.spans.reserve(spans);
         Builder {
             trace,
@@ -1229,7 +1229,6 @@ impl Field {
 /// comparing VALUEs (static symbols are immediates that never move).
 static FIELD_SYMBOLS: std::sync::OnceLock<Vec<(rb_sys::VALUE, Field)>> = std::sync::OnceLock::new();
 
-/// Interns the field symbols; called once at load.
 /// The Rust value a method's receiver wraps, read from the object: its
 /// data type is checked by address, without magnus's checked conversion
 /// (an `rb_protect` frame around `rb_check_typeddata` on every call). Any
@@ -1254,6 +1253,8 @@ pub(crate) fn receiver<'a, T: TypedData>(v: Value) -> Result<&'a T, Error> {
     <&T>::try_convert(v)
 }
 
+/// Checks the Ruby internals read directly and interns the field symbols;
+/// called once at load.
 pub fn init(ruby: &Ruby) {
     foreach_fn();
     init_bignum();

@@ -459,8 +459,8 @@ impl FlagEvaluations {
 
     /// `_record(flag, variant, allocation, targeting_key, context,
     /// error_code, error_message, timestamp_ms, full_data, from_hook)`
-    fn record(ruby: &Ruby, rb_self: &Self, args: &[Value]) -> Result<bool, Error> {
-        let Some(inner) = &rb_self.inner else {
+    fn record(ruby: &Ruby, rb_self: Value, args: &[Value]) -> Result<bool, Error> {
+        let Some(inner) = &convert::receiver::<Self>(rb_self)?.inner else {
             return Ok(false);
         };
         let &[flag, variant, allocation, targeting_key, context, error_code, error_message, timestamp_ms, full_data, from_hook] =
@@ -489,7 +489,8 @@ impl FlagEvaluations {
     /// fields]` when `exposures` is given and the evaluation has an
     /// allocation, a variant and a targeting key (the hook then records
     /// the exposure), else nil.
-    fn record_hook(ruby: &Ruby, rb_self: &Self, args: &[Value]) -> Result<Option<RArray>, Error> {
+    fn record_hook(ruby: &Ruby, rb_self: Value, args: &[Value]) -> Result<Option<RArray>, Error> {
+        let rb_self = convert::receiver::<Self>(rb_self)?;
         let &[meta, fields, flag, variant, error_code, error_message, exposures] = args else {
             return Err(errors::argument(ruby, "_record_hook takes 7 arguments"));
         };

@@ -42,7 +42,8 @@ impl Writer {
 
     /// Converts and validates `trace` (raising `InvalidTraceError`), then
     /// queues it. Never blocks on I/O. False when dropped.
-    fn write(ruby: &Ruby, rb_self: &Self, trace: Value) -> Result<bool, Error> {
+    fn write(ruby: &Ruby, rb_self: Value, trace: Value) -> Result<bool, Error> {
+        let rb_self = convert::receiver::<Self>(rb_self)?;
         let trace = convert::trace(ruby, trace, 0)?;
         Ok(rb_self.inner.write(trace))
     }

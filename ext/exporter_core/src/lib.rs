@@ -17,6 +17,7 @@ pub mod exposures;
 pub mod flags;
 pub mod http;
 pub mod log;
+pub mod recycle;
 pub mod retry;
 pub mod runtime;
 pub mod sidecar;

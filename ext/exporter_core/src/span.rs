@@ -16,9 +16,9 @@
 //! trace ids are not written into the trace: [`SpanView`] derives them when
 //! the trace is encoded, on a background thread.
 
+use crate::recycle::{Recycler, Reusable};
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
 
 /// The meta key that carries the high 64 bits of a 128-bit trace id.
 pub const TRACE_ID_HIGH_TAG: &str = "_dd.p.tid";
@@ -140,27 +140,6 @@ pub enum AttributeValue {
 }
 
 impl Trace {
-    /// Empties the trace, keeping its storage.
-    pub fn clear(&mut self) {
-        self.text.clear();
-        self.spans.clear();
-        self.meta.clear();
-        self.metrics.clear();
-        self.extras.clear();
-    }
-
-    /// The bytes of storage the trace holds (its vectors' capacities).
-    pub fn capacity_bytes(&self) -> usize {
-        fn bytes<T>(v: &Vec<T>) -> usize {
-            v.capacity() * std::mem::size_of::<T>()
-        }
-        self.text.capacity()
-            + bytes(&self.spans)
-            + bytes(&self.meta)
-            + bytes(&self.metrics)
-            + bytes(&self.extras)
-    }
-
     /// Copies `s` into the text buffer.
     pub fn push_str(&mut self, s: &str) -> Str {
         let start = self.text.len() as u32;
@@ -306,83 +285,29 @@ impl<'a> SpanView<'a> {
     }
 }
 
-/// Storage of traces already sent, kept for the next traces to be
-/// converted into.
-///
-/// A trace is converted into freshly allocated storage on the calling
-/// thread and freed by the flusher once sent. Under load the allocator
-/// then hands the converter memory last touched long before (a cache miss
-/// per line written, plus the malloc arena's lock, which the flusher's
-/// frees contend for). Here the flusher gives back what it just encoded,
-/// and the converter takes the most recently given: storage that is
-/// still in cache, and no allocation at all once the sizes settle.
-///
-/// Bounded by the bytes it holds ([`TracePool::MAX_BYTES`]), and never
-/// waits: when the lock is taken (or was left taken by a thread that did
-/// not survive a fork) storage is simply allocated or freed as usual.
-#[derive(Debug)]
-pub struct TracePool {
-    free: Mutex<(Vec<Trace>, usize)>,
-}
+/// Storage of traces sent (or dropped), for the next traces converted
+/// (see [`crate::recycle`]): a few hundred traces of 50 spans at most,
+/// about a core's share of the last-level cache.
+pub static TRACE_POOL: Recycler<Trace> = Recycler::new(4 << 20);
 
-/// The process's [`TracePool`].
-pub static TRACE_POOL: TracePool = TracePool::new();
-
-impl Default for TracePool {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl TracePool {
-    /// Bytes of storage kept at most: a few hundred traces of 50 spans,
-    /// about what a core's share of the last-level cache holds (kept while
-    /// the process lives, as an allocator keeps what was freed).
-    pub const MAX_BYTES: usize = 4 << 20;
-
-    pub const fn new() -> TracePool {
-        TracePool {
-            free: Mutex::new((Vec::new(), 0)),
+impl Reusable for Trace {
+    fn capacity_bytes(&self) -> usize {
+        fn bytes<T>(v: &Vec<T>) -> usize {
+            v.capacity() * std::mem::size_of::<T>()
         }
+        self.text.capacity()
+            + bytes(&self.spans)
+            + bytes(&self.meta)
+            + bytes(&self.metrics)
+            + bytes(&self.extras)
     }
 
-    /// Empty storage for a trace: the last given back, else new.
-    pub fn take(&self) -> Trace {
-        let taken = match self.free.try_lock() {
-            Ok(mut free) => {
-                let t = free.0.pop();
-                free.1 -= t.as_ref().map_or(0, Trace::capacity_bytes);
-                t
-            }
-            Err(_) => None,
-        };
-        taken.unwrap_or_default()
-    }
-
-    /// Keeps the storage of `traces` (those sent) while within
-    /// [`TracePool::MAX_BYTES`]; frees the rest.
-    pub fn give(&self, traces: impl IntoIterator<Item = Trace>) {
-        let Ok(mut free) = self.free.try_lock() else {
-            return;
-        };
-        for mut t in traces {
-            let bytes = t.capacity_bytes();
-            if free.1 + bytes > TracePool::MAX_BYTES {
-                continue;
-            }
-            t.clear();
-            free.1 += bytes;
-            free.0.push(t);
-        }
-    }
-
-    /// Traces held (for tests).
-    pub fn len(&self) -> usize {
-        self.free.lock().map_or(0, |f| f.0.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    fn clear(&mut self) {
+        self.text.clear();
+        self.spans.clear();
+        self.meta.clear();
+        self.metrics.clear();
+        self.extras.clear();
     }
 }
 
@@ -550,39 +475,22 @@ mod tests {
     }
 
     #[test]
-    fn trace_pool_gives_back_the_last_storage_emptied_within_its_bound() {
-        let pool = TracePool::new();
-        assert_eq!(pool.take(), Trace::default(), "empty pool: new storage");
+    fn recycled_traces_are_emptied_with_their_storage() {
+        let pool: Recycler<Trace> = Recycler::new(1 << 20);
         let span = SpanData {
             name: "n".repeat(100),
             meta: vec![("k".into(), "v".into())],
             metrics: vec![("m".into(), 1.0)],
             ..Default::default()
         };
-        let older = Trace::from(vec![span.clone(); 2]);
-        let newer = Trace::from(vec![span; 3]);
-        let newer_text = newer.text.as_ptr();
-        pool.give([older, newer]);
-        assert_eq!(pool.len(), 2);
-        // Most recently given first, emptied, its storage kept.
-        let t = pool.take();
-        assert_eq!(t.text.as_ptr(), newer_text);
+        let t = Trace::from(vec![span; 3]);
+        let text = t.text.as_ptr();
+        pool.give([t]);
+        let t = pool.take().unwrap();
+        assert_eq!(t.text.as_ptr(), text);
         assert!(t.text.is_empty() && t.spans.is_empty() && t.meta.is_empty());
         assert!(t.metrics.is_empty() && t.extras.is_empty());
         assert!(t.spans.capacity() >= 3 && t.text.capacity() >= 300);
-        assert_eq!(pool.len(), 1);
-        // Storage beyond the bound is freed, not kept.
-        let huge = Trace::from(vec![SpanData {
-            name: "n".repeat(TracePool::MAX_BYTES),
-            ..Default::default()
-        }]);
-        pool.give([huge]);
-        assert_eq!(pool.len(), 1);
-        // A pool in use elsewhere is not waited for.
-        let held = pool.free.lock().unwrap();
-        assert_eq!(pool.take().spans.capacity(), 0);
-        drop(held);
-        assert_eq!(pool.len(), 1);
     }
 
     fn meta_of(v: &SpanView<'_>) -> Vec<(String, String)> {
