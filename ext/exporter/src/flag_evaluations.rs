@@ -100,6 +100,14 @@ impl Capture<'_, '_> {
     /// Packs a String or Symbol of at most `MAX_CHARS` characters; false
     /// (nothing written) for anything else.
     fn text(&mut self, v: Value) -> bool {
+        if let Some(s) = convert::ascii_text(v) {
+            // 7-bit: as many characters as bytes.
+            let kept = s.len() <= MAX_CHARS;
+            if kept {
+                self.packer.text(s);
+            }
+            return kept;
+        }
         if let Some(s) = RString::from_value(v) {
             if s.len() > 4 * MAX_CHARS {
                 return false;
@@ -184,6 +192,9 @@ impl Capture<'_, '_> {
         if let Some(i) = convert::fixnum(v) {
             self.packer.int(i);
             return true;
+        }
+        if convert::ascii_text(v).is_some() {
+            return self.text(v);
         }
         if let Some(i) = Integer::from_value(v) {
             return match i.to_i64() {
@@ -332,14 +343,18 @@ const SMALL_HASH: usize = 8;
 fn string_keys<const N: usize>(h: RHash, keys: [&str; N]) -> [Option<Value>; N] {
     let mut found = [None; N];
     convert::each_pair(h, |k, v| {
-        if let Some(k) = RString::from_value(k) {
-            // Lengths first: most keys are not wanted.
-            let len = k.len();
-            // SAFETY: compared before any Ruby code can run.
-            let wanted = |m: &&str| m.len() == len && m.as_bytes() == unsafe { k.as_slice() };
-            if let Some(i) = keys.iter().position(wanted) {
-                found[i] = Some(v);
-            }
+        // The wanted keys are ASCII: only a 7-bit String can be one (else
+        // its bytes are compared).
+        let i = match convert::ascii_text(k) {
+            Some(k) => keys.iter().position(|m| *m == k),
+            None => RString::from_value(k).and_then(|k| {
+                // SAFETY: compared before any Ruby code can run.
+                let k = unsafe { k.as_slice() };
+                keys.iter().position(|m| m.as_bytes() == k)
+            }),
+        };
+        if let Some(i) = i {
+            found[i] = Some(v);
         }
         true
     });
