@@ -84,6 +84,55 @@ RSpec.describe "Nested and hostile input" do
     end
   end
 
+  describe "span Hashes of every table shape, many to a trace" do
+    # Conversion reads a trace's spans ahead of the one converted (their
+    # tables and what they hold): every shape a span Hash can have, at
+    # every position, must read the same as alone.
+    def shaped(i)
+      s = SpanFactory.span(trace_id: 7, span_id: 1000 + i, meta: { "i" => i.to_s })
+      case i % 6
+      when 0 then s.slice(:trace_id, :span_id, :name) # an array table
+      when 1 # an st table with deleted entries, meta too
+        s.merge!((1..12).to_h { |k| [:"extra#{k}", k] }).merge!(meta: (1..20).to_h { |k| ["k#{k}", "v#{k}"] })
+        (1..12).each { |k| s.delete(:"extra#{k}") unless k == 5 }
+        s[:meta].delete("k3")
+        s[:meta]["i"] = i.to_s
+        s
+      when 2 then s.compare_by_identity
+      when 3 then s.merge(meta: {}, metrics: {}).freeze
+      when 4 then s.merge(trace_id: 2**100 + 7, parent_id: 2**63 + i) # Bignums
+      else s.merge(meta: nil, metrics: nil, resource: "r" * 300)
+      end
+    end
+
+    it "converts each as it would alone" do
+      agent = TestAgent.shared.clear
+      t = Exporter::Transport.new(url: agent.url)
+      trace = Array.new(40) { |i| shaped(i) }
+      expect(t.send_traces([trace])).to be_ok
+      got = agent.spans.sort_by { |sp| sp["span_id"] }
+      expect(got.map { |sp| sp["span_id"] }).to eq((1000...1040).to_a)
+      got.each_with_index do |sp, i|
+        expect(sp["meta"]["i"]).to eq(i.to_s) if [1, 2, 4].include?(i % 6)
+        expect(sp["meta"]).not_to have_key("k3") if i % 6 == 1
+        expect(sp["meta"]["k20"]).to eq("v20") if i % 6 == 1
+        expect(sp["parent_id"]).to eq(2**63 + i) if i % 6 == 4
+        expect(sp["resource"]).to eq("r" * 300) if i % 6 == 5
+      end
+    ensure
+      t&.close
+    end
+
+    it "names the first span that is not one, wherever the others are" do
+      [0, 3, 17, 38].each do |bad|
+        [nil, 5, "span", [1], Object.new, {}].each do |odd|
+          trace = Array.new(40) { |i| i == bad ? odd : shaped(i) }
+          expect { convert(trace) }.to raise_error(Exporter::InvalidTraceError, /trace 0, span #{bad}: /)
+        end
+      end
+    end
+  end
+
   describe "span events and links" do
     it "refuses nested or cyclic event attribute values" do
       event = ->(v) { span(span_events: [{ name: "e", time_unix_nano: 1, attributes: { "k" => v } }]) }

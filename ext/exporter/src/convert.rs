@@ -25,6 +25,8 @@ use magnus::{
     DataType, Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, TryConvert, Value,
 };
 
+mod prefetch;
+
 use crate::errors;
 use magnus::rb_sys::{AsRawValue, FromRawValue};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -90,6 +92,14 @@ fn with_text_noting<R>(
     Ok((r, !as_is))
 }
 
+/// Whether a VALUE is an object's address: not an immediate (Fixnum,
+/// flonum, static Symbol, true, undef), nil or false.
+#[inline(always)]
+pub(crate) fn is_object(raw: rb_sys::VALUE) -> bool {
+    raw & rb_sys::special_consts::IMMEDIATE_MASK as rb_sys::VALUE == 0
+        && raw & !(rb_sys::Qnil as rb_sys::VALUE) != 0
+}
+
 /// The text of `v` if it is a String known to be 7-bit (its coderange,
 /// cached in its flags once scanned): valid UTF-8 as it is, whatever its
 /// (ASCII-compatible) encoding. `None` for anything else, which the caller
@@ -102,9 +112,7 @@ fn with_text_noting<R>(
 #[inline(always)]
 pub(crate) fn ascii_text<'a>(v: Value) -> Option<&'a str> {
     let raw = v.as_raw();
-    let special = raw & rb_sys::special_consts::IMMEDIATE_MASK as rb_sys::VALUE != 0
-        || raw & !(rb_sys::Qnil as rb_sys::VALUE) == 0;
-    if special {
+    if !is_object(raw) {
         return None;
     }
     // SAFETY: `v` is a live object: its flags are its first word.
@@ -1579,7 +1587,11 @@ pub fn trace(ruby: &Ruby, v: Value, ti: usize) -> Result<Trace, Error> {
         // SAFETY: the Array's storage is read afresh for each span (a GC
         // during the previous one may have moved it) and no Ruby code runs
         // meanwhile, so it cannot shrink.
-        let sv = unsafe { a.as_slice()[si] };
+        let sv = unsafe {
+            let spans = a.as_slice();
+            prefetch::ahead(spans, si);
+            spans[si]
+        };
         span(ruby, &mut b, sv).map_err(|(field, p)| {
             errors::invalid_trace(ruby, format!("trace {ti}, span {si}: {field} {p}"))
         })?;
