@@ -803,12 +803,17 @@ mod tests {
         t.join().unwrap();
     }
 
-    #[test]
-    fn an_async_handover_dropped_while_waiting_leaves_the_connection_usable() {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    /// A runtime on the test's own thread, for the async handover.
+    fn current_thread_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn an_async_handover_dropped_while_waiting_leaves_the_connection_usable() {
+        let rt = current_thread_runtime();
         let (a, b) = UnixStream::pair().unwrap();
         let go = answer_when_told(b);
         let c = Client::new(a, "0.1.0");
@@ -833,10 +838,7 @@ mod tests {
 
     #[test]
     fn an_async_handover_dropped_mid_frame_breaks_the_connection() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = current_thread_runtime();
         let (a, b) = UnixStream::pair().unwrap();
         let mut c = Client::new(a, "0.1.0");
         // Past the handshake by hand: the peer never reads the frame.
