@@ -54,10 +54,9 @@ class Sink
   end
 end
 
-# Shapes of openfeature-sdk's objects (the SDK is not needed).
-Details = Struct.new(:flag_key, :variant, :error_code, :error_message, :flag_metadata, keyword_init: true)
-HookContext = Struct.new(:evaluation_context, keyword_init: true)
-EvalContext = Struct.new(:fields)
+# openfeature-sdk's objects, as the specs build them (the SDK is not needed):
+# the variant, error and metadata are read through Forwardable delegators.
+require_relative "../spec/support/sdk_shapes"
 
 def thread_cpu = Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID)
 
@@ -112,8 +111,10 @@ ROUNDS.times do
     consent = meta.key?("observe_full_evaluation_data")
     measure("Hook#finally (5-field context, #{consent ? 'consent' : 'default privacy'})", results) do |e|
       hook = Exporter::OpenFeature::Hook.new(evaluations: e)
-      contexts = KEYS.map { |k| HookContext.new(evaluation_context: EvalContext.new({ "targeting_key" => k }.merge(CONTEXT))) }
-      details = Details.new(flag_key: "checkout", variant: "on", flag_metadata: meta)
+      contexts = KEYS.map do |k|
+        SdkShapes.hook_context("checkout", SdkShapes::EvaluationContext.new(targeting_key: k, **CONTEXT.transform_keys(&:to_sym)))
+      end
+      details = SdkShapes.details(flag: "checkout", variant: "on", metadata: meta)
       i = 0
       while i < CALLS
         hook.finally(hook_context: contexts[i % 1000], evaluation_details: details)

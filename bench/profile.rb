@@ -14,7 +14,7 @@
 # (toggle 'exporter::exposures::Exposures::record*').
 #
 # `ruby bench/profile.rb hook [CALLS]` profiles OpenFeature::Hook#finally
-# as bench/flag_evaluations.rb measures it (SDK-shaped Structs, 5-field
+# as bench/flag_evaluations.rb measures it (spec/support/sdk_shapes.rb, 5-field
 # context, no consent; `hook-consent` with consent). Hook#finally is Ruby,
 # so no symbol to toggle: run with --separate-threads=yes and compare the
 # main thread's total (the `-01` file) for two CALLS values:
@@ -50,18 +50,16 @@ if shape == "exposures"
   exit!(0)
 end
 if shape.start_with?("hook")
-  details_shape = Struct.new(:flag_key, :variant, :error_code, :error_message, :flag_metadata, keyword_init: true)
-  hook_context_shape = Struct.new(:evaluation_context, keyword_init: true)
-  eval_context_shape = Struct.new(:fields)
+  require_relative "../spec/support/sdk_shapes"
   meta = { "__dd_allocation_key" => "rollout" }
   meta["observe_full_evaluation_data"] = true if shape == "hook-consent"
   context = { "plan" => "pro", "country" => "fr", "age" => 30, "beta" => true, "ratio" => 0.25 }
   evals = Exporter::FlagEvaluations.new(url: "http://127.0.0.1:9", flush_interval: 3600, queue_size: count + 1)
   hook = Exporter::OpenFeature::Hook.new(evaluations: evals)
   contexts = Array.new(1000) do |i|
-    hook_context_shape.new(evaluation_context: eval_context_shape.new({ "targeting_key" => "user-#{i}" }.merge(context)))
+    SdkShapes.hook_context("checkout", SdkShapes::EvaluationContext.new(targeting_key: "user-#{i}", **context.transform_keys(&:to_sym)))
   end
-  details = details_shape.new(flag_key: "checkout", variant: "on", flag_metadata: meta.freeze)
+  details = SdkShapes.details(flag: "checkout", variant: "on", metadata: meta.freeze)
   i = 0
   while i < count
     hook.finally(hook_context: contexts[i % 1000], evaluation_details: details, hints: nil)

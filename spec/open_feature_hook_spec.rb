@@ -1,40 +1,6 @@
 # frozen_string_literal: true
 
 require "digest"
-require "forwardable"
-
-# Objects shaped like openfeature-sdk's (>= 0.5.1), without the SDK.
-module SdkShapes
-  ResolutionDetails = Struct.new(:value, :reason, :variant, :error_code, :error_message, :flag_metadata,
-                                 keyword_init: true)
-  EvaluationDetails = Struct.new(:flag_key, :resolution_details, keyword_init: true) do
-    extend Forwardable
-
-    def_delegators :resolution_details, :value, :reason, :variant, :error_code, :error_message, :flag_metadata
-  end
-  HookContext = Struct.new(:flag_key, :flag_value_type, :default_value, :evaluation_context, keyword_init: true)
-
-  class EvaluationContext
-    attr_reader :fields
-
-    def initialize(targeting_key: nil, **fields)
-      @fields = { "targeting_key" => targeting_key }.merge(fields)
-    end
-
-    def targeting_key = fields["targeting_key"]
-  end
-
-  def self.details(flag:, variant: "on", error_code: nil, error_message: nil, metadata: nil)
-    EvaluationDetails.new(flag_key: flag, resolution_details: ResolutionDetails.new(
-      value: true, reason: "TARGETING_MATCH", variant: variant, error_code: error_code,
-      error_message: error_message, flag_metadata: metadata
-    ))
-  end
-
-  def self.hook_context(flag, context)
-    HookContext.new(flag_key: flag, flag_value_type: :boolean, default_value: false, evaluation_context: context)
-  end
-end
 
 RSpec.describe Exporter::OpenFeature::Hook do
   T1 = 1_760_000_000_000
@@ -75,17 +41,22 @@ RSpec.describe Exporter::OpenFeature::Hook do
     )
   end
 
-  it "handles a nil evaluation context, nil metadata and FLAG_NOT_FOUND with a nil variant" do
-    hook = described_class.new(evaluations: evals)
-    expect(finally(hook, flag: "missing", context: nil, variant: nil, error_code: "FLAG_NOT_FOUND",
-                         error_message: "flag missing not found", metadata: nil)).to be_nil
-    expect(evals.flush(timeout: 5)).to be(true)
-    row = server.rows.first
-    expect(row).to include("flag" => { "key" => "missing" }, "runtime_default_used" => true,
-                           "error" => { "message" => "FLAG_NOT_FOUND" }, "evaluation_count" => 1)
-    expect(row).not_to have_key("variant")
-    expect(row).not_to have_key("targeting_key")
-    expect(evals.stats).to include(recorded: 1, sent: 1, hook_failures: 0)
+  [true, false].each do |plain|
+    sdk = plain ? "before 0.6.5 (nil)" : "0.6.5 (an empty frozen Hash)"
+    it "handles a nil evaluation context, no metadata as the SDK #{sdk} gives it, and FLAG_NOT_FOUND with a nil variant" do
+      hook = described_class.new(evaluations: evals)
+      details = SdkShapes.details(flag: "missing", variant: nil, error_code: "FLAG_NOT_FOUND",
+                                  error_message: "flag missing not found", metadata: nil, plain: plain)
+      expect(details.flag_metadata).to(plain ? be_nil : eq({}))
+      expect(hook.finally(hook_context: SdkShapes.hook_context("missing", nil), evaluation_details: details)).to be_nil
+      expect(evals.flush(timeout: 5)).to be(true)
+      row = server.rows.first
+      expect(row).to include("flag" => { "key" => "missing" }, "runtime_default_used" => true,
+                             "error" => { "message" => "FLAG_NOT_FOUND" }, "evaluation_count" => 1)
+      expect(row).not_to have_key("variant")
+      expect(row).not_to have_key("targeting_key")
+      expect(evals.stats).to include(recorded: 1, sent: 1, hook_failures: 0)
+    end
   end
 
   it "records an exposure when allocation, variant and targeting key are all present" do
@@ -110,6 +81,7 @@ RSpec.describe Exporter::OpenFeature::Hook do
     large = small.merge((1..20).to_h { |i| ["other-#{i}", i] }, "__dd_eval_timestamp_ms" => T1 + 1)
     lookup = Object.new
     lookup.define_singleton_method(:[]) { |k| { "__dd_allocation_key" => "a3", "dd.eval.timestamp_ms" => T1 + 2 }[k] }
+    lookup.freeze # as it is: the SDK (0.6.5) hands on a copy of what is not frozen, and `dup` drops singleton methods
     finally(hook, flag: "small", context: ctx, metadata: small)
     finally(hook, flag: "large", context: ctx, metadata: large)
     finally(hook, flag: "lookup", context: ctx, metadata: lookup)
@@ -175,6 +147,33 @@ RSpec.describe Exporter::OpenFeature::Hook do
     expect(hook.method(:finally).parameters.map(&:last) - [:hints])
       .to eq(sdk_finally.parameters.map(&:last) - [:hints])
     expect(evals.stats).to include(recorded: 2, hook_failures: 0)
+  end
+
+  it "reads the SDK's EvaluationDetails through resolution_details, and other shapes through their own readers" do
+    hook = described_class.new(evaluations: evals)
+    ctx = SdkShapes::EvaluationContext.new(targeting_key: "user-1")
+    # Same members as the SDK's, but readers of its own: not delegators.
+    own = Struct.new(:flag_key, :resolution_details) do
+      def variant = "own-#{resolution_details.variant}"
+      def error_code = nil
+      def error_message = nil
+      def flag_metadata = { "__dd_allocation_key" => "own-alloc" }
+    end
+    flat = Struct.new(:flag_key, :variant, :error_code, :error_message, :flag_metadata)
+    sdk = SdkShapes.details(flag: "sdk", variant: "v1", metadata: { "__dd_allocation_key" => "a1" })
+    2.times do # each shape after each other: the hook's memo of the last class must not leak
+      hook.finally(hook_context: SdkShapes.hook_context("sdk", ctx), evaluation_details: sdk)
+      hook.finally(hook_context: SdkShapes.hook_context("own", ctx),
+                   evaluation_details: own.new("own", sdk.resolution_details))
+      hook.finally(hook_context: SdkShapes.hook_context("flat", ctx),
+                   evaluation_details: flat.new("flat", "v3", nil, nil, { "allocationKey" => "a3" }))
+    end
+    expect(evals.flush(timeout: 5)).to be(true)
+    rows = server.rows.to_h { |r| [r["flag"]["key"], r] }
+    expect(rows.transform_values { |r| [r["variant"]["key"], r["allocation"]["key"], r["evaluation_count"]] }).to eq(
+      "sdk" => ["v1", "a1", 2], "own" => ["own-v1", "own-alloc", 2], "flat" => ["v3", "a3", 2]
+    )
+    expect(evals.stats).to include(recorded: 6, hook_failures: 0)
   end
 
   it "never raises into the application: failures are counted" do

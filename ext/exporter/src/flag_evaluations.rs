@@ -7,6 +7,7 @@
 //! the shared runtime. With the killswitch on
 //! there is no worker at all: `_record` returns false.
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use exporter_core::exposures::Context;
@@ -288,7 +289,7 @@ fn capture(ruby: &Ruby, inner: &EvaluationWorker, a: &Args) -> Result<bool, Erro
     };
     // One buffer for every text and the context (see `flags::packed`),
     // in its fixed order.
-    let mut p = Packer::new();
+    let mut p = Packer::with_buffer(SCRATCH.take());
     put_text(ruby, &mut p, a.flag, "flag")?;
     put_text(ruby, &mut p, a.variant, "variant")?;
     put_text(ruby, &mut p, a.allocation, "allocation")?;
@@ -315,8 +316,23 @@ fn capture(ruby: &Ruby, inner: &EvaluationWorker, a: &Args) -> Result<bool, Erro
             p.end(empty, 0);
         }
     }
-    Ok(inner.record(p.finish(timestamp_ms, a.full_data)))
+    let queued = inner.record(p.packed(timestamp_ms, a.full_data));
+    let mut buf = p.into_buffer();
+    buf.shrink_to(SCRATCH_BYTES);
+    SCRATCH.set(buf);
+    Ok(queued)
 }
+
+thread_local! {
+    /// The calling thread's packing buffer, reused from one `record` to
+    /// the next (the queue copies what was packed): taken, not borrowed,
+    /// so an error or a Ruby exception in between only loses it.
+    static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// A packing buffer grown larger than this (a large context) is shrunk
+/// back before it is kept.
+const SCRATCH_BYTES: usize = 16 << 10;
 
 /// The `flag_metadata` keys the OpenFeature hook reads, each with its
 /// alternative name: allocation, evaluation time, consent.

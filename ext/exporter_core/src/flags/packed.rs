@@ -8,6 +8,12 @@
 //! elsewhere) and took the allocator's slow path: a third of the call's
 //! instructions. Packed, a call makes one allocation.
 //!
+//! The worker's queue holds them back to back in one growing buffer
+//! ([`PackedQueue`]), and the calling thread packs into a buffer it keeps
+//! ([`Packer::with_buffer`]): a call then allocates nothing, and nothing
+//! is freed across threads (which cost the calling thread the allocator's
+//! slow path and its arena lock, contended by the worker's frees).
+//!
 //! The layout is private to this module: tagged values (`TEXT` is a u32
 //! length and UTF-8 bytes, numbers are 8 little-endian bytes, `MAP` and
 //! `LIST` a u32 count then their entries) in a fixed order: flag, variant,
@@ -41,6 +47,82 @@ pub struct Packed {
     full_data: bool,
 }
 
+/// A captured evaluation borrowed where it was packed: from a [`Packer`]
+/// or a [`PackedQueue`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PackedRef<'a> {
+    buf: &'a [u8],
+    timestamp_ms: i64,
+    full_data: bool,
+}
+
+/// Evaluations packed back to back in one buffer: the queue between the
+/// calling threads and the worker. An entry is its body's length (u64),
+/// the time (i64), the consent (u8), then the body as [`Packer`] wrote it.
+/// Cleared, it keeps its capacity.
+#[derive(Debug, Default)]
+pub struct PackedQueue {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+const ENTRY_HEADER: usize = 8 + 8 + 1;
+
+impl PackedQueue {
+    pub fn new() -> PackedQueue {
+        PackedQueue::default()
+    }
+
+    /// Evaluations queued.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes reserved.
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+
+    pub fn push(&mut self, e: PackedRef<'_>) {
+        self.bytes.reserve(ENTRY_HEADER + e.buf.len());
+        self.bytes
+            .extend_from_slice(&(e.buf.len() as u64).to_le_bytes());
+        self.bytes.extend_from_slice(&e.timestamp_ms.to_le_bytes());
+        self.bytes.push(u8::from(e.full_data));
+        self.bytes.extend_from_slice(e.buf);
+        self.count += 1;
+    }
+
+    /// Empties the queue, keeping its capacity up to `keep` bytes.
+    pub fn clear(&mut self, keep: usize) {
+        self.bytes.clear();
+        self.bytes.shrink_to(keep);
+        self.count = 0;
+    }
+
+    /// The queued evaluations, in order. [`PackedQueue::push`] is the only
+    /// writer, so every entry is whole; were one not, the iteration would
+    /// end there (the caller counts what it did not see).
+    pub fn iter(&self) -> impl Iterator<Item = PackedRef<'_>> {
+        let mut rest: &[u8] = &self.bytes;
+        std::iter::from_fn(move || {
+            let (header, tail) = rest.split_at_checked(ENTRY_HEADER)?;
+            let len = u64::from_le_bytes(header[..8].try_into().ok()?);
+            let (buf, tail) = tail.split_at_checked(usize::try_from(len).ok()?)?;
+            rest = tail;
+            Some(PackedRef {
+                buf,
+                timestamp_ms: i64::from_le_bytes(header[8..16].try_into().ok()?),
+                full_data: header[16] != 0,
+            })
+        })
+    }
+}
+
 /// A buffer that does not unpack (a bug: the packer wrote it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Malformed(pub &'static str);
@@ -66,8 +148,27 @@ impl Default for Packer {
 
 impl Packer {
     pub fn new() -> Packer {
-        Packer {
-            buf: Vec::with_capacity(256),
+        Packer::with_buffer(Vec::with_capacity(256))
+    }
+
+    /// A packer writing into `buf` (emptied first): a buffer kept by the
+    /// calling thread from one call to the next, taken back with
+    /// [`Packer::into_buffer`].
+    pub fn with_buffer(mut buf: Vec<u8>) -> Packer {
+        buf.clear();
+        Packer { buf }
+    }
+
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+
+    /// What was written, as one evaluation, for [`PackedQueue::push`].
+    pub fn packed(&self, timestamp_ms: i64, full_data: bool) -> PackedRef<'_> {
+        PackedRef {
+            buf: &self.buf,
+            timestamp_ms,
+            full_data,
         }
     }
 
@@ -242,10 +343,24 @@ impl<'a> Reader<'a> {
 }
 
 impl Packed {
+    pub fn as_ref(&self) -> PackedRef<'_> {
+        PackedRef {
+            buf: &self.buf,
+            timestamp_ms: self.timestamp_ms,
+            full_data: self.full_data,
+        }
+    }
+
+    pub fn unpack(&self) -> Result<Evaluation, Malformed> {
+        self.as_ref().unpack()
+    }
+}
+
+impl PackedRef<'_> {
     /// The evaluation, on the worker (where its allocations are freed too).
     pub fn unpack(&self) -> Result<Evaluation, Malformed> {
         let mut r = Reader {
-            buf: &self.buf,
+            buf: self.buf,
             at: 0,
         };
         let flag = r.opt_text()?.ok_or(Malformed("no flag"))?;
@@ -365,6 +480,43 @@ mod tests {
             ..sample()
         };
         assert_eq!(Packed::from(&bare).unpack().unwrap(), bare);
+    }
+
+    #[test]
+    fn a_queue_holds_evaluations_back_to_back() {
+        let a = sample();
+        let b = Evaluation {
+            context: vec![],
+            full_data: false,
+            timestamp_ms: -1,
+            ..sample()
+        };
+        let mut q = PackedQueue::new();
+        // Packed by one reused buffer, as the calling thread does.
+        let mut buf = Vec::new();
+        for e in [&a, &b, &a] {
+            let mut p = Packer::with_buffer(buf);
+            let owned = Packed::from(e);
+            p.buf.extend_from_slice(&owned.buf);
+            q.push(p.packed(e.timestamp_ms, e.full_data));
+            buf = p.into_buffer();
+        }
+        assert_eq!(q.len(), 3);
+        let out: Vec<Evaluation> = q.iter().map(|p| p.unpack().unwrap()).collect();
+        assert_eq!(out, vec![a.clone(), b, a]);
+
+        // A torn entry (not something `push` writes) ends the iteration.
+        let whole = q.bytes.len();
+        q.bytes.truncate(whole - 1);
+        assert_eq!(q.iter().count(), 2);
+        q.bytes.truncate(ENTRY_HEADER - 1);
+        assert_eq!(q.iter().count(), 0);
+
+        // Cleared, it keeps at most the capacity asked for.
+        q.bytes.reserve(1 << 16);
+        q.clear(1024);
+        assert!(q.is_empty() && q.iter().next().is_none());
+        assert!(q.capacity() < 1 << 16);
     }
 
     #[test]

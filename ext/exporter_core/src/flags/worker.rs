@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::aggregate::{Aggregate, Counts, Landed, Row, RowKey, Tier};
 use super::encode::{head, next_body};
-use super::packed::Packed;
+use super::packed::{PackedQueue, PackedRef};
 use super::FLAG_EVALUATIONS_PATH;
 use crate::agent::{Post, SendReport};
 use crate::exposures::Context;
@@ -49,6 +49,9 @@ use crate::worker::{CatchUnwind, Worker};
 const PAUSE_MARGIN: Duration = Duration::from_millis(100);
 /// How long `pause` waits for a cancelled task to stop.
 const PAUSE_LIMIT: Duration = Duration::from_secs(1);
+/// Bytes of queue kept reserved between drains (a queue of ordinary
+/// evaluations, a few hundred bytes each, up to the default 4,096).
+const KEEP_QUEUE_BYTES: usize = 1 << 20;
 
 /// Settings of a worker.
 #[derive(Debug, Clone)]
@@ -134,7 +137,7 @@ pub struct EvaluationWorker {
     flush_interval: Duration,
     capacity: usize,
     wake_at: usize,
-    queue: Mutex<Vec<Packed>>,
+    queue: Mutex<PackedQueue>,
     aggregate: Mutex<Aggregate>,
     counters: Counters,
     flushes: Flushes,
@@ -180,7 +183,7 @@ impl EvaluationWorker {
             flush_interval: config.flush_interval,
             capacity,
             wake_at: (capacity / 4).max(1),
-            queue: Mutex::new(Vec::new()),
+            queue: Mutex::new(PackedQueue::new()),
             aggregate: Mutex::new(Aggregate::new()),
             counters: Counters::default(),
             flushes: Flushes {
@@ -198,7 +201,7 @@ impl EvaluationWorker {
         })
     }
 
-    fn queue(&self) -> MutexGuard<'_, Vec<Packed>> {
+    fn queue(&self) -> MutexGuard<'_, PackedQueue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -212,7 +215,7 @@ impl EvaluationWorker {
 
     /// Queues an evaluation: false when it was dropped (queue full, or
     /// stopped), counted either way.
-    pub fn record(&self, e: Packed) -> bool {
+    pub fn record(&self, e: PackedRef<'_>) -> bool {
         let c = &self.counters;
         c.recorded.fetch_add(1, Ordering::Relaxed);
         let mut q = self.queue();
@@ -324,18 +327,13 @@ impl EvaluationWorker {
         let mut done = 0u64;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let mut agg = self.aggregate();
-            for packed in batch.drain(..) {
+            for packed in batch.iter() {
                 match packed.unpack() {
                     Ok(e) => {
                         let (key, at) = RowKey::of(e);
                         self.land(&mut agg, key, Counts::one(at), Tier::Full, false);
                     }
-                    Err(bad) => {
-                        // A bug (our packer wrote it): counted, logged once.
-                        self.counters.held.fetch_sub(1, Ordering::AcqRel);
-                        self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                        self.log.outcome(Some(&bad.to_string()));
-                    }
+                    Err(bad) => self.malformed(1, &bad.to_string()),
                 }
                 done += 1;
             }
@@ -344,11 +342,23 @@ impl EvaluationWorker {
             self.caught(panic, total - done);
             return;
         }
-        // Keep the queue's capacity for the next records.
+        if done < total {
+            self.malformed(total - done, "malformed evaluation queue");
+        }
+        // Keep the queue's capacity (up to a bound) for the next records.
+        batch.clear(KEEP_QUEUE_BYTES);
         let mut q = self.queue();
         if q.is_empty() && q.capacity() < batch.capacity() {
             *q = batch;
         }
+    }
+
+    /// Evaluations that did not unpack: a bug (our packer wrote them),
+    /// counted failed and logged once.
+    fn malformed(&self, n: u64, problem: &str) {
+        self.counters.held.fetch_sub(n, Ordering::AcqRel);
+        self.counters.failed.fetch_add(n, Ordering::Relaxed);
+        self.log.outcome(Some(problem));
     }
 
     /// Counts `counts` into `agg`; what cannot be kept is dropped (a new
@@ -722,7 +732,7 @@ impl Worker for EvaluationWorker {
             return;
         }
         // What was recorded before fork belongs to the parent, which sends it.
-        *self.queue() = Vec::new();
+        *self.queue() = PackedQueue::new();
         *self.aggregate() = Aggregate::new();
         let c = &self.counters;
         for a in [
@@ -750,6 +760,7 @@ impl Worker for EvaluationWorker {
 mod tests {
     use super::*;
     use crate::flags::aggregate::Evaluation;
+    use crate::flags::packed::Packed;
     use crate::runtime;
     use crate::test_http::server;
     use std::pin::Pin;
@@ -807,8 +818,8 @@ mod tests {
         let w = worker(&url);
         crate::worker::register(&w).unwrap();
         for i in 0..3 {
-            assert!(w.record(eval(&i.to_string())));
-            assert!(w.record(eval(&i.to_string())));
+            assert!(w.record(eval(&i.to_string()).as_ref()));
+            assert!(w.record(eval(&i.to_string()).as_ref()));
         }
         assert!(!flush(&h, &w));
         let s = w.stats();
@@ -842,7 +853,9 @@ mod tests {
         let (url, _) = h.block_on(server(vec![400]));
         let w = worker(&url);
         // Not registered: nothing drains the queue.
-        let accepted = (0..150).filter(|i| w.record(eval(&i.to_string()))).count();
+        let accepted = (0..150)
+            .filter(|i| w.record(eval(&i.to_string()).as_ref()))
+            .count();
         assert_eq!(accepted, 100);
         let s = w.stats();
         assert_eq!((s.recorded, s.dropped, s.pending), (150, 50, 100));
@@ -879,7 +892,7 @@ mod tests {
         let w = worker("http://127.0.0.1:9");
         crate::worker::register(&w).unwrap();
         for i in 0..5 {
-            w.record(eval(&i.to_string()));
+            w.record(eval(&i.to_string()).as_ref());
         }
         runtime::before_fork();
         runtime::after_fork_child();
