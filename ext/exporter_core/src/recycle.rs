@@ -10,8 +10,11 @@
 //! its capacity: storage still in cache, and no allocation once sizes
 //! settle (`span::TRACE_POOL`: the writer's calling-thread CPU per span
 //! fell by a tenth, paired runs of `bench/run_one.rb alone writer`).
-//! Small buffers (an exposure, a flag evaluation) did not gain: taking
-//! from a recycler costs about what `malloc` does for them.
+//! Small buffers did not gain: taking an exposure's buffer from a
+//! recycler costs about what `malloc` does (callgrind, and paired runs of
+//! `bench/run_one.rb record`: 0.96, within noise). A flag evaluation is
+//! instead packed into a buffer the calling thread keeps and copied into
+//! the worker's one byte queue (`flags::packed`), which did gain.
 //!
 //! Bounded by the bytes it holds, and it never waits: when its lock is
 //! taken (or was left taken by a thread that did not survive a fork)
