@@ -32,7 +32,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
@@ -43,7 +43,7 @@ use crate::agent::{SendReport, TraceExporter};
 use crate::log::ProblemLog;
 use crate::retry::jitter;
 use crate::span::Trace;
-use crate::worker::{CatchUnwind, Worker};
+use crate::worker::{CatchUnwind, TaskControl, Worker};
 
 /// Where a batch worker sends its items.
 pub trait BatchSink<T>: Send + Sync + 'static {
@@ -100,10 +100,6 @@ pub type TraceWriter = BatchWorker<Trace, crate::sidecar::sink::Sidecar<Arc<Trac
 
 /// Items sent per request batch at most.
 pub const MAX_BATCH: usize = 1_000;
-/// Added to the attempt timeout while `pause` waits for the flusher.
-const PAUSE_MARGIN: Duration = Duration::from_millis(100);
-/// How long `pause` waits for a cancelled flusher to stop.
-const PAUSE_LIMIT: Duration = Duration::from_secs(1);
 /// First wait before sending kept items again, and the cap of the
 /// exponential backoff (each wait is jittered between half and all of it).
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
@@ -141,14 +137,6 @@ struct Counters {
     retries: AtomicU64,
 }
 
-#[derive(Default)]
-struct Control {
-    stop: Option<CancellationToken>,
-    /// Cancelled by `pause`: no new attempt starts.
-    stop_retrying: Option<CancellationToken>,
-    running: bool,
-}
-
 /// A bounded buffer and its flusher.
 pub struct BatchWorker<T, S> {
     sink: S,
@@ -170,12 +158,10 @@ pub struct BatchWorker<T, S> {
     /// Items taken from the queue by the flusher and not yet accounted.
     in_flight: AtomicU64,
     wake: Notify,
-    pausing: AtomicBool,
     stopped: AtomicBool,
     /// The owner is gone: send what is held once, then end.
     abandoned: AtomicBool,
-    control: Mutex<Control>,
-    idle: Condvar,
+    task: TaskControl,
     log: ProblemLog,
 }
 
@@ -204,11 +190,9 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
             counters: Counters::default(),
             in_flight: AtomicU64::new(0),
             wake: Notify::new(),
-            pausing: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
-            control: Mutex::new(Control::default()),
-            idle: Condvar::new(),
+            task: TaskControl::default(),
             log: ProblemLog::new(what),
         }
     }
@@ -226,10 +210,6 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
 
     fn queue(&self) -> MutexGuard<'_, VecDeque<(u64, T)>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn control(&self) -> MutexGuard<'_, Control> {
-        self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues an item. False when it was dropped (buffer full or worker
@@ -311,13 +291,7 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
     /// writes are dropped. Call after a flush.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
-        let mut ctl = self.control();
-        for t in [ctl.stop.take(), ctl.stop_retrying.take()]
-            .into_iter()
-            .flatten()
-        {
-            t.cancel();
-        }
+        self.task.stop();
     }
 
     /// The owner is gone (its Ruby object was collected without `stop`):
@@ -430,15 +404,7 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
         stop_retrying: CancellationToken,
         generation: u64,
     ) {
-        // Marks the flusher idle however the task ends (a panic included).
-        struct Idle<'a, T: Send + 'static, S: BatchSink<T>>(&'a BatchWorker<T, S>);
-        impl<T: Send + 'static, S: BatchSink<T>> Drop for Idle<'_, T, S> {
-            fn drop(&mut self) {
-                self.0.control().running = false;
-                self.0.idle.notify_all();
-            }
-        }
-        let _idle = Idle(&self);
+        let _running = self.task.running();
         // Consecutive sends that had to keep items back.
         let mut failures: u32 = 0;
         'outer: loop {
@@ -457,7 +423,7 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
                 self.last_send(generation).await;
                 break;
             }
-            while !self.pausing.load(Ordering::Acquire) {
+            while !self.task.is_pausing() {
                 let (batch, seqs) = self.take_batch();
                 if batch.is_empty() {
                     break;
@@ -478,7 +444,7 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
                 }
                 failures = 0;
             }
-            if self.pausing.load(Ordering::Acquire) {
+            if self.task.is_pausing() {
                 break;
             }
         }
@@ -501,15 +467,6 @@ impl<T: Send + 'static, S: BatchSink<T>> BatchWorker<T, S> {
         })
         .await;
     }
-
-    fn wait_idle(&self, limit: Duration) -> bool {
-        let ctl = self.control();
-        let (ctl, _) = self
-            .idle
-            .wait_timeout_while(ctl, limit, |c| c.running)
-            .unwrap_or_else(|p| p.into_inner());
-        !ctl.running
-    }
 }
 
 impl<T: Send + 'static, S: BatchSink<T>> Worker for BatchWorker<T, S> {
@@ -517,45 +474,22 @@ impl<T: Send + 'static, S: BatchSink<T>> Worker for BatchWorker<T, S> {
         if self.stopped.load(Ordering::Acquire) {
             return;
         }
-        let token = CancellationToken::new();
-        let stop_retrying = CancellationToken::new();
-        {
-            let mut ctl = self.control();
-            if ctl.running {
-                return;
-            }
-            ctl.stop = Some(token.clone());
-            ctl.stop_retrying = Some(stop_retrying.clone());
-            ctl.running = true;
-        }
-        self.pausing.store(false, Ordering::Release);
+        let Some((token, stop_retrying)) = self.task.begin() else {
+            return;
+        };
         let generation = crate::runtime::generation();
         handle.spawn(self.run(token, stop_retrying, generation));
     }
 
-    /// Lets the attempt in flight finish (up to its timeout), with no
-    /// retry after it; past that bound the attempt is cancelled and its
-    /// batch put back (counted as possibly arrived).
+    /// [`TaskControl::pause`]: a batch cut off past the bound is put
+    /// back (counted as possibly arrived).
     fn pause(&self) {
-        self.pausing.store(true, Ordering::Release);
-        if let Some(t) = self.control().stop_retrying.take() {
-            t.cancel();
-        }
-        self.wake.notify_one();
-        if !self.wait_idle(self.sink.attempt_timeout() + PAUSE_MARGIN) {
-            if let Some(t) = self.control().stop.take() {
-                t.cancel();
-            }
-            // If even this times out, the runtime's shutdown drops the task.
-            self.wait_idle(PAUSE_LIMIT);
-        }
-        let mut ctl = self.control();
-        ctl.running = false;
-        ctl.stop = None;
+        self.task
+            .pause(self.sink.attempt_timeout(), || self.wake.notify_one());
     }
 
     fn resume(&self, in_child: bool) {
-        self.pausing.store(false, Ordering::Release);
+        self.task.resume();
         if !in_child {
             return;
         }

@@ -26,7 +26,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -43,12 +43,8 @@ use crate::exposures::Context;
 use crate::http::{Client, Endpoint, UrlError};
 use crate::log::ProblemLog;
 use crate::retry::RetryPolicy;
-use crate::worker::{CatchUnwind, Worker};
+use crate::worker::{CatchUnwind, TaskControl, Worker};
 
-/// Added to the attempt timeout while `pause` waits for a cycle to finish.
-const PAUSE_MARGIN: Duration = Duration::from_millis(100);
-/// How long `pause` waits for a cancelled task to stop.
-const PAUSE_LIMIT: Duration = Duration::from_secs(1);
 /// Bytes of queue kept reserved between drains (a queue of ordinary
 /// evaluations, a few hundred bytes each, up to the default 4,096).
 const KEEP_QUEUE_BYTES: usize = 1 << 20;
@@ -105,14 +101,6 @@ struct Counters {
 }
 
 #[derive(Default)]
-struct Control {
-    stop: Option<CancellationToken>,
-    /// Cancelled by `pause`: the attempt in flight finishes, no retry
-    /// follows (see `agent::Post::stop_retrying`).
-    stop_retrying: Option<CancellationToken>,
-    running: bool,
-}
-
 /// Flush requests and their answers.
 struct Flushes {
     /// Number of the last flush requested.
@@ -142,13 +130,11 @@ pub struct EvaluationWorker {
     counters: Counters,
     flushes: Flushes,
     wake: Notify,
-    pausing: AtomicBool,
     stopped: AtomicBool,
     /// Set while a cycle that panicked is dropped: what it held is failed,
     /// not put back (it could panic again).
     discarding: AtomicBool,
-    control: Mutex<Control>,
-    idle: Condvar,
+    task: TaskControl,
     log: ProblemLog,
 }
 
@@ -192,11 +178,9 @@ impl EvaluationWorker {
                 lost_reported: AtomicU64::new(0),
             },
             wake: Notify::new(),
-            pausing: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             discarding: AtomicBool::new(false),
-            control: Mutex::new(Control::default()),
-            idle: Condvar::new(),
+            task: TaskControl::default(),
             log: ProblemLog::new("flag evaluations"),
         })
     }
@@ -207,10 +191,6 @@ impl EvaluationWorker {
 
     fn aggregate(&self) -> MutexGuard<'_, Aggregate> {
         self.aggregate.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn control(&self) -> MutexGuard<'_, Control> {
-        self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues an evaluation: false when it was dropped (queue full, or
@@ -309,9 +289,7 @@ impl EvaluationWorker {
     /// Stops for good: later records are dropped. Call after a flush.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
-        if let Some(t) = self.control().stop.take() {
-            t.cancel();
-        }
+        self.task.stop();
     }
 
     /// Moves the queue into the aggregate.
@@ -436,6 +414,7 @@ impl EvaluationWorker {
     }
 
     async fn run(self: Arc<Self>, stop: CancellationToken, generation: u64) {
+        let _running = self.task.running();
         let mut window_end = tokio::time::Instant::now() + self.flush_interval;
         loop {
             tokio::select! {
@@ -443,7 +422,7 @@ impl EvaluationWorker {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep_until(window_end) => {}
             }
-            if self.pausing.load(Ordering::Acquire) {
+            if self.task.is_pausing() {
                 break;
             }
             let requested = self.flushes.requested.load(Ordering::Acquire);
@@ -482,17 +461,6 @@ impl EvaluationWorker {
                 self.wake.notify_one();
             }
         }
-        self.control().running = false;
-        self.idle.notify_all();
-    }
-
-    fn wait_idle(&self, limit: Duration) -> bool {
-        let ctl = self.control();
-        let (ctl, _) = self
-            .idle
-            .wait_timeout_while(ctl, limit, |c| c.running)
-            .unwrap_or_else(|p| p.into_inner());
-        !ctl.running
     }
 
     #[cfg(test)]
@@ -533,7 +501,7 @@ impl InFlight<'_> {
 
     async fn send(&mut self, generation: u64, report: &mut SendReport) -> bool {
         let w = self.worker;
-        let stop_retrying = w.control().stop_retrying.clone();
+        let stop_retrying = w.task.stop_retrying();
         let c = &w.counters;
         let deadline = Instant::now() + w.deadline;
         let headers = [
@@ -547,7 +515,7 @@ impl InFlight<'_> {
             headers: &headers,
             timeout: w.timeout,
             retry: &w.retry,
-            stop_retrying: stop_retrying.as_ref(),
+            stop_retrying: Some(&stop_retrying),
         };
         if let Some(client) = crate::sidecar::acquire() {
             self.hand_over(&client).await;
@@ -687,47 +655,26 @@ impl Worker for EvaluationWorker {
         if self.stopped.load(Ordering::Acquire) {
             return;
         }
-        let token = CancellationToken::new();
-        {
-            let mut ctl = self.control();
-            if ctl.running {
-                return;
-            }
-            ctl.stop = Some(token.clone());
-            ctl.stop_retrying = Some(CancellationToken::new());
-            ctl.running = true;
-        }
-        self.pausing.store(false, Ordering::Release);
+        let Some((token, _)) = self.task.begin() else {
+            return;
+        };
         let generation = crate::runtime::generation();
         handle.spawn(self.clone().run(token, generation));
         // A flush requested while paused is answered by the new task.
         self.wake.notify_one();
     }
 
-    /// Lets the attempt in flight finish (up to its timeout) with no retry
-    /// after it, so rows are neither cut off mid-request nor sent twice;
-    /// past that bound the cycle is cancelled and its rows go back.
+    /// [`TaskControl::pause`]: a cycle cut off past the bound puts its
+    /// rows back into the aggregate.
     fn pause(&self) {
-        self.pausing.store(true, Ordering::Release);
-        if let Some(t) = self.control().stop_retrying.take() {
-            t.cancel();
-        }
-        self.wake.notify_one();
-        if !self.wait_idle(self.client.attempt_timeout(self.timeout) + PAUSE_MARGIN) {
-            if let Some(t) = self.control().stop.take() {
-                t.cancel();
-            }
-            // If even this times out, the runtime's shutdown drops the
-            // task (its rows in flight go back into the aggregate).
-            self.wait_idle(PAUSE_LIMIT);
-        }
-        let mut ctl = self.control();
-        ctl.running = false;
-        ctl.stop = None;
+        self.task
+            .pause(self.client.attempt_timeout(self.timeout), || {
+                self.wake.notify_one()
+            });
     }
 
     fn resume(&self, in_child: bool) {
-        self.pausing.store(false, Ordering::Release);
+        self.task.resume();
         if !in_child {
             return;
         }
