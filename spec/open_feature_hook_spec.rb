@@ -149,10 +149,10 @@ RSpec.describe Exporter::OpenFeature::Hook do
     expect(evals.stats).to include(recorded: 2, hook_failures: 0)
   end
 
-  it "reads the SDK's EvaluationDetails through resolution_details, and other shapes through their own readers" do
+  it "reads the SDK's own objects member by member, and any other object through its readers" do
     hook = described_class.new(evaluations: evals)
     ctx = SdkShapes::EvaluationContext.new(targeting_key: "user-1")
-    # Same members as the SDK's, but readers of its own: not delegators.
+    # The SDK's members, but another class with readers of its own.
     own = Struct.new(:flag_key, :resolution_details) do
       def variant = "own-#{resolution_details.variant}"
       def error_code = nil
@@ -160,20 +160,53 @@ RSpec.describe Exporter::OpenFeature::Hook do
       def flag_metadata = { "__dd_allocation_key" => "own-alloc" }
     end
     flat = Struct.new(:flag_key, :variant, :error_code, :error_message, :flag_metadata)
+    subclass = Class.new(SdkShapes::EvaluationDetails) { def variant = "sub" }
+    # Unfrozen metadata: the SDK (0.6.5) would hand over a frozen copy; the member is read.
     sdk = SdkShapes.details(flag: "sdk", variant: "v1", metadata: { "__dd_allocation_key" => "a1" })
-    2.times do # each shape after each other: the hook's memo of the last class must not leak
-      hook.finally(hook_context: SdkShapes.hook_context("sdk", ctx), evaluation_details: sdk)
-      hook.finally(hook_context: SdkShapes.hook_context("own", ctx),
-                   evaluation_details: own.new("own", sdk.resolution_details))
-      hook.finally(hook_context: SdkShapes.hook_context("flat", ctx),
-                   evaluation_details: flat.new("flat", "v3", nil, nil, { "allocationKey" => "a3" }))
+    singleton = SdkShapes.details(flag: "singleton", variant: "v1", metadata: { "__dd_allocation_key" => "a1" })
+    def singleton.variant = "overridden"
+    call = ->(flag, details) { hook.finally(hook_context: SdkShapes.hook_context(flag, ctx), evaluation_details: details) }
+    call.("sdk", sdk) # learns the SDK's classes through their readers
+    # Known now: not one reader of the SDK's objects is called.
+    readers = %i[flag_key resolution_details variant error_code error_message flag_metadata]
+    readers.each { |m| expect_any_instance_of(SdkShapes::EvaluationDetails).not_to receive(m) }
+    %i[variant error_code error_message flag_metadata].each do |m|
+      expect_any_instance_of(SdkShapes::ResolutionDetails).not_to receive(m)
+    end
+    call.("sdk", sdk)
+    RSpec::Mocks.space.reset_all
+    # Each shape after another: what the hook knows must not leak between them.
+    2.times do
+      call.("own", own.new("own", sdk.resolution_details))
+      call.("flat", flat.new("flat", "v3", nil, nil, { "allocationKey" => "a3" }))
+      call.("sub", subclass.new(flag_key: "sub", resolution_details: sdk.resolution_details))
+      call.("singleton", singleton)
+      call.("plain", SdkShapes.details(flag: "plain", variant: "v4", metadata: { "allocationKey" => "a4" }, plain: true))
+      call.("sdk", sdk)
     end
     expect(evals.flush(timeout: 5)).to be(true)
     rows = server.rows.to_h { |r| [r["flag"]["key"], r] }
     expect(rows.transform_values { |r| [r["variant"]["key"], r["allocation"]["key"], r["evaluation_count"]] }).to eq(
-      "sdk" => ["v1", "a1", 2], "own" => ["own-v1", "own-alloc", 2], "flat" => ["v3", "a3", 2]
+      "sdk" => ["v1", "a1", 4], "own" => ["own-v1", "own-alloc", 2], "flat" => ["v3", "a3", 2],
+      "sub" => ["sub", "a1", 2], "singleton" => ["overridden", "a1", 2], "plain" => ["v4", "a4", 2]
     )
-    expect(evals.stats).to include(recorded: 6, hook_failures: 0)
+    expect(evals.stats).to include(recorded: 14, hook_failures: 0)
+  end
+
+  it "reads members natively only from Structs of the classes and sizes it was given" do
+    small = Struct.new(:flag_key)
+    two = Struct.new(:flag_key, :resolution_details)
+    resolution = SdkShapes::ResolutionDetails.new(variant: "on")
+    # Not read (false): nothing recorded, whatever is passed.
+    [[small.new("f"), small, SdkShapes::ResolutionDetails],
+     [two.new("f", resolution), small, SdkShapes::ResolutionDetails],
+     [two.new("f", two.new("x", "y")), two, two], # a resolution of 2 members, not 6
+     [two.new("f", resolution), two, nil],
+     [nil, nil, nil], [1, Integer, Integer], ["text", String, String], [two, Class, Class]].each do |details, dk, rk|
+      expect(evals._record_sdk(details, dk, rk, nil, nil)).to be(false)
+    end
+    expect(evals._record_sdk(two.new("f", resolution), two, SdkShapes::ResolutionDetails, nil, nil)).to be_nil
+    expect(evals.stats).to include(recorded: 1)
   end
 
   it "never raises into the application: failures are counted" do

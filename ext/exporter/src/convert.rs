@@ -100,6 +100,42 @@ pub(crate) fn is_object(raw: rb_sys::VALUE) -> bool {
         && raw & !(rb_sys::Qnil as rb_sys::VALUE) != 0
 }
 
+/// Whether `v` is a Struct of exactly `class` (not a subclass, nor an
+/// object with a singleton class) holding at least `members` values: the
+/// precondition of [`struct_member`]. Calls no Ruby code.
+#[inline]
+pub(crate) fn is_struct_of(v: Value, class: Value, members: usize) -> bool {
+    let raw = v.as_raw();
+    if !is_object(raw) {
+        return false;
+    }
+    // SAFETY: `v` is a live object: flags and class are its first words.
+    let (flags, klass) = unsafe {
+        let basic = &*(raw as *const rb_sys::RBasic);
+        (basic.flags, basic.klass)
+    };
+    let is_struct = flags & rb_sys::ruby_value_type::RUBY_T_MASK as rb_sys::VALUE
+        == rb_sys::ruby_value_type::RUBY_T_STRUCT as rb_sys::VALUE;
+    // SAFETY: `v` is a Struct; `rb_struct_size` reads its length (a
+    // Fixnum) and raises nothing.
+    is_struct
+        && klass == class.as_raw()
+        && unsafe { rb_sys::rb_struct_size(raw) } >> 1 >= members as rb_sys::VALUE
+}
+
+/// Member `i` of a Struct, read in place (`RSTRUCT_GET`).
+///
+/// # Safety
+/// `is_struct_of(v, _, n)` with `n > i`: `rb_struct_aref` would raise
+/// (and unwind through Rust) for an index out of range.
+#[inline]
+pub(crate) unsafe fn struct_member(v: Value, i: usize) -> Value {
+    Value::from_raw(rb_sys::rb_struct_aref(
+        v.as_raw(),
+        ((i as rb_sys::VALUE) << 1) | 1,
+    ))
+}
+
 /// The text of `v` if it is a String known to be 7-bit (its coderange,
 /// cached in its flags once scanned): valid UTF-8 as it is, whatever its
 /// (ASCII-compatible) encoding. `None` for anything else, which the caller

@@ -1,8 +1,9 @@
 //! `Exporter::FlagEvaluations`, native half: `_record` captures its
 //! arguments under the GVL (Strings copied, the context walked with a depth
 //! bound, cycles cut, a node budget; no Ruby code is ever called) and
-//! queues an `Evaluation`; `_record_hook` does the same for the OpenFeature
-//! hook, reading the flag metadata and the context's fields itself.
+//! queues an `Evaluation`; `_record_hook` and `_record_sdk` do the same for
+//! the OpenFeature hook, reading the flag metadata and the context's fields
+//! itself (and, from `_record_sdk`, the SDK's evaluation details).
 //! Aggregation, keying, privacy and HTTP run in `exporter_core::flags` on
 //! the shared runtime. With the killswitch on
 //! there is no worker at all: `_record` returns false.
@@ -384,13 +385,21 @@ static TARGETING_KEY_STRING: Lazy<RString> = Lazy::new(|ruby| {
     s
 });
 
-/// What `OpenFeature::Hook#finally` records, from what it read from the
-/// SDK's objects: the flag key, variant, error code and message,
-/// `flag_metadata` (a Hash, anything answering `[]`, or nil) and the
-/// evaluation context's `fields` (likewise). The SDK's methods are called
-/// by the hook in Ruby, where inline caches make each call a fraction of
-/// a `rb_funcall` from here; the metadata and the fields are read here,
-/// without calling Ruby code when they are Hashes.
+/// Members of the SDK's `EvaluationDetails` (`flag_key`,
+/// `resolution_details`) and of its `Provider::ResolutionDetails`
+/// (`value`, `reason`, `variant`, `error_code`, `error_message`,
+/// `flag_metadata`), as `Hook::SDK_CLASSES` checks them.
+const SDK_DETAILS_MEMBERS: usize = 2;
+const SDK_RESOLUTION_MEMBERS: usize = 6;
+
+/// What `OpenFeature::Hook#finally` records, from the SDK's objects: the
+/// flag key, variant, error code and message, `flag_metadata` (a Hash,
+/// anything answering `[]`, or nil) and the evaluation context's `fields`
+/// (likewise). The SDK's own evaluation details are read member by member
+/// ([`FlagEvaluations::record_sdk`]); anything else through its readers,
+/// called by the hook in Ruby (where inline caches make each call a
+/// fraction of a `rb_funcall` from here). The metadata and the fields are
+/// read here, without calling Ruby code when they are Hashes.
 struct Hook {
     args: Args,
     fields: Value,
@@ -516,26 +525,83 @@ impl FlagEvaluations {
 
     /// `_record_hook(metadata, fields, flag, variant, error_code,
     /// error_message, exposures)`: what `OpenFeature::Hook#finally`
-    /// records (see [`Hook`]). Returns `[flag, allocation, variant, targeting_key,
-    /// fields]` when `exposures` is given and the evaluation has an
-    /// allocation, a variant and a targeting key (the hook then records
-    /// the exposure), else nil.
+    /// records (see [`Hook`]), from what it read through the readers of
+    /// the SDK's objects. Returns `[flag, allocation, variant,
+    /// targeting_key, fields]` when `exposures` is given and the
+    /// evaluation has an allocation, a variant and a targeting key (the
+    /// hook then records the exposure), else nil.
     fn record_hook(ruby: &Ruby, rb_self: Value, args: &[Value]) -> Result<Option<RArray>, Error> {
         let rb_self = convert::receiver::<Self>(rb_self)?;
         let &[meta, fields, flag, variant, error_code, error_message, exposures] = args else {
             return Err(errors::argument(ruby, "_record_hook takes 7 arguments"));
         };
-        let expose = exposures.to_bool();
-        if rb_self.inner.is_none() && !expose {
-            return Ok(None);
-        }
-        let hook = Hook::read(
+        rb_self.record_read(
             ruby,
             [flag, variant, error_code, error_message],
             meta,
             fields,
+            exposures,
+        )
+    }
+
+    /// `_record_sdk(details, details_class, resolution_class, fields,
+    /// exposures)`: as `_record_hook`, reading `details` here when it is
+    /// an instance of `details_class`, the SDK's own
+    /// `OpenFeature::SDK::EvaluationDetails`, and its
+    /// `resolution_details` one of `resolution_class`, the SDK's
+    /// `Provider::ResolutionDetails` (the hook checked both classes: their
+    /// names and members). Their members are read where they are: the
+    /// SDK's readers return them (its EvaluationDetails delegates to
+    /// `resolution_details` through Forwardable, ~150 ns a call; since
+    /// 0.6.5 `flag_metadata` gives `{}` for nil and a frozen copy of a
+    /// Hash that is not frozen: the same keys and values). Returns false,
+    /// recording nothing, for any other object: the hook then reads it
+    /// through its readers.
+    fn record_sdk(ruby: &Ruby, rb_self: Value, args: &[Value]) -> Result<Value, Error> {
+        let rb_self = convert::receiver::<Self>(rb_self)?;
+        let &[details, details_class, resolution_class, fields, exposures] = args else {
+            return Err(errors::argument(ruby, "_record_sdk takes 5 arguments"));
+        };
+        let not_read = ruby.qfalse().as_value();
+        if !convert::is_struct_of(details, details_class, SDK_DETAILS_MEMBERS) {
+            return Ok(not_read);
+        }
+        // SAFETY: `details` is a Struct of `SDK_DETAILS_MEMBERS` members.
+        let [flag, resolution] = [0, 1].map(|i| unsafe { convert::struct_member(details, i) });
+        if !convert::is_struct_of(resolution, resolution_class, SDK_RESOLUTION_MEMBERS) {
+            return Ok(not_read);
+        }
+        // SAFETY: `resolution` is a Struct of `SDK_RESOLUTION_MEMBERS`
+        // members: value, reason, variant, error_code, error_message,
+        // flag_metadata.
+        let [variant, error_code, error_message, meta] =
+            [2, 3, 4, 5].map(|i| unsafe { convert::struct_member(resolution, i) });
+        let exposure = rb_self.record_read(
+            ruby,
+            [flag, variant, error_code, error_message],
+            meta,
+            fields,
+            exposures,
         )?;
-        if let Some(inner) = &rb_self.inner {
+        Ok(exposure.map_or(ruby.qnil().as_value(), |a| a.as_value()))
+    }
+
+    /// Records what the hook read (see [`Hook`]); the exposure's fields
+    /// when `exposures` is given and one is due.
+    fn record_read(
+        &self,
+        ruby: &Ruby,
+        details: [Value; 4],
+        meta: Value,
+        fields: Value,
+        exposures: Value,
+    ) -> Result<Option<RArray>, Error> {
+        let expose = exposures.to_bool();
+        if self.inner.is_none() && !expose {
+            return Ok(None);
+        }
+        let hook = Hook::read(ruby, details, meta, fields)?;
+        if let Some(inner) = &self.inner {
             capture(ruby, inner, &hook.args)?;
         }
         let a = &hook.args;
@@ -614,6 +680,7 @@ pub fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     class.define_singleton_method("_native_new", function!(FlagEvaluations::native_new, 1))?;
     class.define_method("_record", method!(FlagEvaluations::record, -1))?;
     class.define_method("_record_hook", method!(FlagEvaluations::record_hook, -1))?;
+    class.define_method("_record_sdk", method!(FlagEvaluations::record_sdk, -1))?;
     class.define_method("_hook_failed", method!(FlagEvaluations::hook_failed, 1))?;
     class.define_method("_flush", method!(FlagEvaluations::flush, 1))?;
     class.define_method("_stop", method!(FlagEvaluations::stop_worker, 0))?;

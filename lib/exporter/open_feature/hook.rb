@@ -15,14 +15,27 @@ module Exporter
     # Only `finally` is implemented. It reads the flag key, variant, error
     # code and message and `flag_metadata` from `evaluation_details`, and the
     # targeting key and fields from `hook_context.evaluation_context` (either
-    # may be nil); `FlagEvaluations#_record_hook` reads the metadata and the
-    # fields natively (it holds the metadata keys: `__dd_allocation_key` or
-    # `allocationKey`, `__dd_eval_timestamp_ms` or `dd.eval.timestamp_ms`,
-    # `observe_full_evaluation_data`) and records, in one call. It only captures, on the caller's
-    # thread; it never raises into the application: a failure is counted in
+    # may be nil); the extension reads the metadata and the fields (it holds
+    # the metadata keys: `__dd_allocation_key` or `allocationKey`,
+    # `__dd_eval_timestamp_ms` or `dd.eval.timestamp_ms`,
+    # `observe_full_evaluation_data`) and records, in one call. It only
+    # captures, on the caller's thread; it never raises into the
+    # application: a failure is counted in
     # `evaluations.stats[:hook_failures]` and logged once.
     class Hook
       TARGETING_KEY = "targeting_key"
+
+      # The SDK's own classes (0.5.1 through 0.6.5), by name and members:
+      # their instances are read by the extension, member by member, where
+      # the SDK's readers would return the same values at a cost (its
+      # EvaluationDetails delegates five of them to `resolution_details`
+      # through Forwardable, ~150 ns a call). Any other object, or a
+      # future SDK whose classes differ, is read through its readers.
+      SDK_CLASSES = {
+        details: ["OpenFeature::SDK::EvaluationDetails", %i[flag_key resolution_details].freeze].freeze,
+        resolution: ["OpenFeature::SDK::Provider::ResolutionDetails",
+                     %i[value reason variant error_code error_message flag_metadata].freeze].freeze
+      }.freeze
 
       attr_reader :evaluations, :exposures
 
@@ -34,21 +47,24 @@ module Exporter
 
         @evaluations = evaluations
         @exposures = exposures
-        @delegating = nil # the last class found to delegate its readers to `resolution_details`
-        @delegates = {}   # Class => whether it does (at most CLASSES_KEPT)
+        @details_class = nil    # the SDK's EvaluationDetails, once seen
+        @resolution_class = nil # and its Provider::ResolutionDetails
       end
 
       # The keywords of the SDK's own `OpenFeature::SDK::Hooks::Hook#finally`,
       # which every release with hooks (0.5.1 through 0.6.5) passes, no more:
       # `hints:` is ignored (optional here). Not `**`: that is a Hash per
-      # call, ~730 instructions, an eighth of the call.
+      # call (~730 instructions).
       def finally(hook_context:, evaluation_details:, hints: nil)
-        d = evaluation_details
-        r = d.class.equal?(@delegating) ? d.resolution_details : resolved(d)
         fields = hook_context.evaluation_context&.fields
-        exposure = @evaluations._record_hook(r.flag_metadata, fields, d.flag_key, r.variant, r.error_code,
-                                             r.error_message, @exposures)
-        expose(*exposure) if exposure
+        exposure = @evaluations._record_sdk(evaluation_details, @details_class, @resolution_class, fields,
+                                            @exposures)
+        if exposure
+          expose(*exposure)
+        elsif !exposure.nil? # false: not the SDK's objects (or not known yet): read here
+          exposure = read(evaluation_details, fields)
+          expose(*exposure) if exposure
+        end
         nil
       rescue StandardError => e
         @evaluations._hook_failed("#{e.class}: #{e.message}")
@@ -57,36 +73,26 @@ module Exporter
 
       private
 
-      # The readers of the SDK's EvaluationDetails are Forwardable
-      # delegators to its `resolution_details`, ~150 ns each; the hook reads
-      # `resolution_details` once and its members from it, which gives the
-      # same values for a sixth of the cost. A class is read so when it is
-      # a Struct of `flag_key` and `resolution_details` whose readers are
-      # Forwardable's (checked once per class); any other object is read
-      # through its own readers.
-      def resolved(details)
-        klass = details.class
-        known = @delegates.fetch(klass) do
-          @delegates.clear if @delegates.size >= CLASSES_KEPT # classes made per call must not pile up
-          @delegates[klass] = delegates?(klass)
-        end
-        return details unless known
-
-        @delegating = klass
-        details.resolution_details
+      def read(details, fields)
+        learn(details)
+        @evaluations._record_hook(details.flag_metadata, fields, details.flag_key, details.variant,
+                                  details.error_code, details.error_message, @exposures)
       end
 
-      DELEGATED = %i[variant error_code error_message flag_metadata].freeze
-      CLASSES_KEPT = 16
-      private_constant :DELEGATED, :CLASSES_KEPT
+      # Remembers the SDK's classes when `details` is one of its
+      # EvaluationDetails holding one of its ResolutionDetails.
+      def learn(details)
+        return unless sdk_class?(details.class, *SDK_CLASSES[:details])
 
-      def delegates?(klass)
-        return false unless klass < Struct && klass.members == %i[flag_key resolution_details] && defined?(::Forwardable)
+        resolution = details.resolution_details
+        return unless sdk_class?(resolution.class, *SDK_CLASSES[:resolution])
 
-        forwardable = ::Forwardable.instance_method(:def_instance_delegator).source_location&.first
-        DELEGATED.all? { |name| klass.instance_method(name).source_location&.first == forwardable }
-      rescue NameError
-        false
+        @resolution_class = resolution.class
+        @details_class = details.class
+      end
+
+      def sdk_class?(klass, name, members)
+        klass < Struct && klass.name == name && klass.members == members
       end
 
       def expose(flag, allocation, variant, targeting_key, fields)
