@@ -161,6 +161,14 @@ RSpec.describe Exporter::OpenFeature::Hook do
     end
     flat = Struct.new(:flag_key, :variant, :error_code, :error_message, :flag_metadata)
     subclass = Class.new(SdkShapes::EvaluationDetails) { def variant = "sub" }
+    basic = BasicObject.new # duck-typed, without even #class
+    class << basic
+      def flag_key = "basic"
+      def variant = "v5"
+      def error_code = nil
+      def error_message = nil
+      def flag_metadata = { "allocationKey" => "a5" }
+    end
     # Unfrozen metadata: the SDK (0.6.5) would hand over a frozen copy; the member is read.
     sdk = SdkShapes.details(flag: "sdk", variant: "v1", metadata: { "__dd_allocation_key" => "a1" })
     singleton = SdkShapes.details(flag: "singleton", variant: "v1", metadata: { "__dd_allocation_key" => "a1" })
@@ -182,15 +190,17 @@ RSpec.describe Exporter::OpenFeature::Hook do
       call.("sub", subclass.new(flag_key: "sub", resolution_details: sdk.resolution_details))
       call.("singleton", singleton)
       call.("plain", SdkShapes.details(flag: "plain", variant: "v4", metadata: { "allocationKey" => "a4" }, plain: true))
+      call.("basic", basic)
       call.("sdk", sdk)
     end
     expect(evals.flush(timeout: 5)).to be(true)
     rows = server.rows.to_h { |r| [r["flag"]["key"], r] }
     expect(rows.transform_values { |r| [r["variant"]["key"], r["allocation"]["key"], r["evaluation_count"]] }).to eq(
       "sdk" => ["v1", "a1", 4], "own" => ["own-v1", "own-alloc", 2], "flat" => ["v3", "a3", 2],
-      "sub" => ["sub", "a1", 2], "singleton" => ["overridden", "a1", 2], "plain" => ["v4", "a4", 2]
+      "sub" => ["sub", "a1", 2], "singleton" => ["overridden", "a1", 2], "plain" => ["v4", "a4", 2],
+      "basic" => ["v5", "a5", 2]
     )
-    expect(evals.stats).to include(recorded: 14, hook_failures: 0)
+    expect(evals.stats).to include(recorded: 16, hook_failures: 0)
   end
 
   it "reads members natively only from Structs of the classes and sizes it was given" do

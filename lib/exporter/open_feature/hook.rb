@@ -80,19 +80,20 @@ module Exporter
       end
 
       # Remembers the SDK's classes when `details` is one of its
-      # EvaluationDetails holding one of its ResolutionDetails.
+      # EvaluationDetails holding one of its ResolutionDetails. (`Struct ===`
+      # first: a duck-typed BasicObject has not even `#class`.)
       def learn(details)
-        return unless sdk_class?(details.class, *SDK_CLASSES[:details])
+        return unless Struct === details && sdk_class?(details.class, *SDK_CLASSES[:details])
 
         resolution = details.resolution_details
-        return unless sdk_class?(resolution.class, *SDK_CLASSES[:resolution])
+        return unless Struct === resolution && sdk_class?(resolution.class, *SDK_CLASSES[:resolution])
 
         @resolution_class = resolution.class
         @details_class = details.class
       end
 
       def sdk_class?(klass, name, members)
-        klass < Struct && klass.name == name && klass.members == members
+        klass.name == name && klass.members == members
       end
 
       def expose(flag, allocation, variant, targeting_key, fields)

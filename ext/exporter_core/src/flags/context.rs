@@ -122,7 +122,19 @@ fn put_text(out: &mut Vec<u8>, s: &str) {
 impl Canonical {
     /// Encodes fields already sorted by [`prune`].
     pub fn encode(fields: &[(String, Scalar)]) -> Canonical {
-        let mut out = Vec::new();
+        // Sized first: one allocation, no growth.
+        let size = fields
+            .iter()
+            .map(|(k, v)| {
+                4 + k.len()
+                    + match v {
+                        Scalar::Str(s) => 1 + 4 + s.len(),
+                        Scalar::Int(_) | Scalar::Float(_) => 1 + 8,
+                        Scalar::Bool(_) => 1 + 1,
+                    }
+            })
+            .sum();
+        let mut out = Vec::with_capacity(size);
         for (k, v) in fields {
             put_text(&mut out, k);
             match v {
@@ -144,6 +156,7 @@ impl Canonical {
                 }
             }
         }
+        debug_assert_eq!(out.len(), size);
         Canonical(out)
     }
 
