@@ -1,18 +1,17 @@
 //! One evaluation as the calling thread captures it: every text and the
 //! context written into a single buffer, unpacked by the worker.
 //!
-//! `record` runs on the application's thread, and what it allocates is
-//! freed by the worker on another thread. With one `String` per field and
-//! per context key and value (a dozen per call), every allocation missed
-//! the calling thread's malloc cache (its chunks were always freed
-//! elsewhere) and took the allocator's slow path: a third of the call's
-//! instructions. Packed, a call makes one allocation.
-//!
-//! The worker's queue holds them back to back in one growing buffer
-//! ([`PackedQueue`]), and the calling thread packs into a buffer it keeps
-//! ([`Packer::with_buffer`]): a call then allocates nothing, and nothing
-//! is freed across threads (which cost the calling thread the allocator's
-//! slow path and its arena lock, contended by the worker's frees).
+//! `record` runs on the application's thread, and what it allocated was
+//! freed by the worker on another thread: every allocation missed the
+//! calling thread's malloc cache (its chunks were always freed elsewhere),
+//! took the allocator's slow path and its arena lock, contended by the
+//! worker's frees. With one `String` per field and per context key and
+//! value (a dozen per call) that was a third of the call's instructions;
+//! one buffer per call still cost a tenth to a half of the call in wall
+//! time. So the calling thread packs into a buffer it keeps
+//! ([`Packer::with_buffer`]) and the worker's queue holds evaluations
+//! back to back in one buffer of its own ([`PackedQueue`]): a call
+//! allocates nothing, and nothing is freed across threads.
 //!
 //! The layout is private to this module: tagged values (`TEXT` is a u32
 //! length and UTF-8 bytes, numbers are 8 little-endian bytes, `MAP` and
@@ -35,11 +34,12 @@ const MAP: u8 = 6;
 const LIST: u8 = 7;
 const SKIPPED: u8 = 8;
 
-/// Deepest nesting [`Packed::unpack`] accepts (the capture stops at
+/// Deepest nesting [`PackedRef::unpack`] accepts (the capture stops at
 /// `context::MAX_DEPTH` levels below the top).
 const MAX_UNPACK_DEPTH: usize = 16;
 
-/// A captured evaluation: one buffer, the time and the consent.
+/// A captured evaluation that owns its buffer (tests build them).
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq)]
 pub struct Packed {
     buf: Vec<u8>,
@@ -244,6 +244,7 @@ impl Packer {
         self.buf[opened..opened + 4].copy_from_slice(&count.to_le_bytes());
     }
 
+    #[cfg(test)]
     pub fn finish(self, timestamp_ms: i64, full_data: bool) -> Packed {
         Packed {
             buf: self.buf,
@@ -342,6 +343,7 @@ impl<'a> Reader<'a> {
     }
 }
 
+#[cfg(test)]
 impl Packed {
     pub fn as_ref(&self) -> PackedRef<'_> {
         PackedRef {
@@ -390,6 +392,7 @@ impl PackedRef<'_> {
     }
 }
 
+#[cfg(test)]
 impl From<&Evaluation> for Packed {
     /// Packs an evaluation built in Rust (tests, tools).
     fn from(e: &Evaluation) -> Packed {
