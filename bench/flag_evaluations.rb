@@ -8,10 +8,13 @@
 #
 # Needs the extension built (`rake compile`). Prints, per measure, the
 # median over the rounds with min..max:
-# - `record` and `Hook#finally` (SDK-shaped objects) calling-thread CPU in
-#   µs/call (CLOCK_THREAD_CPUTIME_ID), with a 5-field context, without
-#   consent (the default: the context is not walked) and with it
-#   (`full_data: true` / `observe_full_evaluation_data`: walked and copied);
+# - `record` and `Hook#finally` (the SDK's classes, spec/support/
+#   sdk_shapes.rb) calling-thread CPU in µs/call
+#   (CLOCK_THREAD_CPUTIME_ID), with a 5-field context, without consent
+#   (the default: the context is not walked) and with it (`full_data: true`
+#   / `observe_full_evaluation_data`: walked and copied); with consent,
+#   the hook also with `exposures:` (an exposure per call, most of them
+#   duplicates);
 # - the worker's CPU per evaluation (draining, keying, pruning, hashing,
 #   aggregating, and the JSON + HTTP of the flush at the end), read from
 #   the runtime threads' /proc schedstat.
@@ -107,20 +110,25 @@ ROUNDS.times do
       end
     end
   end
-  [meta_default, meta_consent].each do |meta|
+  contexts = KEYS.map do |k|
+    SdkShapes.hook_context("checkout", SdkShapes::EvaluationContext.new(targeting_key: k, **CONTEXT.transform_keys(&:to_sym)))
+  end
+  [[meta_default, false], [meta_consent, false], [meta_consent, true]].each do |meta, expose|
     consent = meta.key?("observe_full_evaluation_data")
-    measure("Hook#finally (5-field context, #{consent ? 'consent' : 'default privacy'})", results) do |e|
-      hook = Exporter::OpenFeature::Hook.new(evaluations: e)
-      contexts = KEYS.map do |k|
-        SdkShapes.hook_context("checkout", SdkShapes::EvaluationContext.new(targeting_key: k, **CONTEXT.transform_keys(&:to_sym)))
-      end
-      details = SdkShapes.details(flag: "checkout", variant: "on", metadata: meta)
+    name = "Hook#finally (5-field context, #{consent ? 'consent' : 'default privacy'}#{expose ? ', exposures' : ''})"
+    details = SdkShapes.details(flag: "checkout", variant: "on", metadata: meta)
+    # With exposures: each call records one too, the 1,000 subjects' first
+    # ones new, the rest deduplicated (users come back).
+    exposures = Exporter::Exposures.new(url: $sink.url, flush_interval: 3600, buffer_size: 4096) if expose
+    measure(name, results) do |e|
+      hook = Exporter::OpenFeature::Hook.new(evaluations: e, exposures: exposures)
       i = 0
       while i < CALLS
         hook.finally(hook_context: contexts[i % 1000], evaluation_details: details)
         i += 1
       end
     end
+    exposures&.close
   end
 end
 

@@ -73,6 +73,35 @@ RSpec.describe Exporter::OpenFeature::Hook do
     expect(@exposures.stats[:recorded]).to eq(1)
   end
 
+  it "records exposures with the context's fields as attributes, the targeting key left out, duplicates deduplicated" do
+    @exposures = Exporter::Exposures.new(url: server.url, flush_interval: 60)
+    hook = described_class.new(evaluations: evals, exposures: @exposures)
+    meta = { "__dd_allocation_key" => "a1" }
+    by_lookup = Object.new # fields that are not a Hash: the exposure has no attributes
+    by_lookup.define_singleton_method(:[]) { |k| k == "targeting_key" ? "user-lookup" : nil }
+    contexts = {
+      "f-sdk" => SdkShapes::EvaluationContext.new(targeting_key: "user-1", plan: "pro", age: 30),
+      "f-binary" => Struct.new(:fields).new({ "targeting_key".b => "user-2", "plan" => "free" }),
+      "f-lookup" => Struct.new(:fields).new(by_lookup)
+    }
+    3.times do
+      contexts.each do |flag, ctx|
+        hook.finally(hook_context: SdkShapes.hook_context(flag, ctx),
+                     evaluation_details: SdkShapes.details(flag: flag, metadata: meta))
+      end
+    end
+    expect(@exposures.flush(timeout: 5)).to be(true)
+    exposures = server.received.select { |r| r.path.end_with?("/exposures") }
+                      .flat_map { |r| JSON.parse(r.body)["exposures"] }
+    expect(exposures.to_h { |x| [x["flag"]["key"], [x["subject"]["id"], x["subject"]["attributes"]]] }).to eq(
+      "f-sdk" => ["user-1", { "plan" => "pro", "age" => 30 }],
+      "f-binary" => ["user-2", { "plan" => "free" }],
+      "f-lookup" => ["user-lookup", {}]
+    )
+    expect(@exposures.stats).to include(recorded: 9, deduplicated: 6)
+    expect(evals.stats).to include(recorded: 9, hook_failures: 0)
+  end
+
   it "reads metadata of any size or shape: a falsy key falls back to its alternative" do
     hook = described_class.new(evaluations: evals)
     ctx = SdkShapes::EvaluationContext.new(targeting_key: "user-1", plan: "pro")

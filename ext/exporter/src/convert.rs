@@ -100,6 +100,37 @@ pub(crate) fn is_object(raw: rb_sys::VALUE) -> bool {
         && raw & !(rb_sys::Qnil as rb_sys::VALUE) != 0
 }
 
+/// A String's bytes in place, as this Ruby lays them out (rb-sys).
+///
+/// # Safety
+/// `raw` is a live String; the slice is used before any Ruby code can run
+/// (which could change or move the bytes).
+#[inline(always)]
+unsafe fn string_slice<'a>(raw: rb_sys::VALUE) -> &'a [u8] {
+    std::slice::from_raw_parts(
+        rb_sys::RSTRING_PTR(raw) as *const u8,
+        rb_sys::RSTRING_LEN(raw) as usize,
+    )
+}
+
+/// The bytes of `v` if it is a String (7-bit ones read in place, see
+/// [`ascii_text`]); valid until Ruby code runs. For comparing keys with
+/// ASCII texts, as `==` finds them.
+#[inline]
+pub(crate) fn string_bytes<'a>(v: Value) -> Option<&'a [u8]> {
+    match ascii_text(v) {
+        Some(text) => Some(text.as_bytes()),
+        // SAFETY: a String, read by the caller before any Ruby code runs.
+        None => RString::from_value(v).map(|s| unsafe { string_slice(s.as_raw()) }),
+    }
+}
+
+/// Whether `v` is a String equal to the ASCII text `want`.
+#[inline]
+pub(crate) fn is_string(v: Value, want: &str) -> bool {
+    string_bytes(v) == Some(want.as_bytes())
+}
+
 /// Whether `v` is a Struct of exactly `class` (not a subclass, nor an
 /// object with a singleton class) holding at least `members` values: the
 /// precondition of [`struct_member`]. Calls no Ruby code.
@@ -160,15 +191,9 @@ pub(crate) fn ascii_text<'a>(v: Value) -> Option<&'a str> {
     if !(string && seven_bit) {
         return None;
     }
-    // SAFETY: a String's bytes, as this Ruby lays them out (rb-sys), used
-    // by the caller before any Ruby code can run; 7-bit bytes are UTF-8.
-    unsafe {
-        let bytes = std::slice::from_raw_parts(
-            rb_sys::RSTRING_PTR(raw) as *const u8,
-            rb_sys::RSTRING_LEN(raw) as usize,
-        );
-        Some(std::str::from_utf8_unchecked(bytes))
-    }
+    // SAFETY: a String, used by the caller before any Ruby code can run;
+    // 7-bit bytes are UTF-8.
+    unsafe { Some(std::str::from_utf8_unchecked(string_slice(raw))) }
 }
 
 pub(crate) fn with_text<R>(ruby: &Ruby, v: Value, f: impl FnOnce(&str) -> R) -> Result<R, Problem> {

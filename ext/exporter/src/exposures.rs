@@ -96,11 +96,14 @@ const ATTRIBUTE_BYTES: usize = 32;
 /// nested is walked: an Array or a Hash (cyclic or not, however deep) is
 /// left out as it is. Read without an `rb_protect` frame: the callback
 /// only reads.
-fn put_attributes(ruby: &Ruby, p: &mut Packer, h: Option<RHash>) -> u64 {
+fn put_attributes(ruby: &Ruby, p: &mut Packer, h: Option<RHash>, omit: Option<&str>) -> u64 {
     p.begin_attributes();
     let mut left_out = 0u64;
     if let Some(h) = h {
         convert::each_pair(h, |k, v| {
+            if omit.is_some_and(|o| convert::is_string(k, o)) {
+                return true;
+            }
             if !put_attribute(ruby, p, k, v) {
                 left_out += 1;
             }
@@ -175,6 +178,52 @@ impl Exposures {
         timestamp_ms: Value,
     ) -> Result<bool, Error> {
         let this = convert::receiver::<Exposures>(rb_self)?;
+        this.record_event(
+            ruby,
+            [flag, allocation, variant, subject_id],
+            attributes,
+            timestamp_ms,
+            None,
+        )
+    }
+
+    /// An exposure for the OpenFeature hook: the evaluation context's
+    /// fields are the subject's attributes, its targeting key left out
+    /// (fields that are not a Hash give none). As `Exposures#record` does
+    /// otherwise; no Ruby code runs.
+    pub(crate) fn record_from_hook(
+        ruby: &Ruby,
+        exposures: Value,
+        texts: [Value; 4],
+        fields: Value,
+        targeting_key: &str,
+    ) -> Result<bool, Error> {
+        let this = convert::receiver::<Exposures>(exposures)?;
+        let attributes = if RHash::from_value(fields).is_some() {
+            fields
+        } else {
+            ruby.qnil().as_value()
+        };
+        this.record_event(
+            ruby,
+            texts,
+            attributes,
+            ruby.qnil().as_value(),
+            Some(targeting_key),
+        )
+    }
+
+    /// Dedups and queues one exposure: `texts` are the flag, allocation,
+    /// variant and subject id; `omit` an attribute key left out.
+    fn record_event(
+        &self,
+        ruby: &Ruby,
+        texts: [Value; 4],
+        attributes: Value,
+        timestamp_ms: Value,
+        omit: Option<&str>,
+    ) -> Result<bool, Error> {
+        let [flag, allocation, variant, subject_id] = texts;
         // Arguments are checked and hashed as they are: a duplicate (the
         // common case) costs a hash and a lookup, and copies nothing.
         // The subject first: a Bignum id allocates its decimal String.
@@ -206,7 +255,7 @@ impl Exposures {
                     .ok_or_else(|| errors::argument(ruby, "subject_attributes must be a Hash"))?,
             )
         };
-        let Some(admitted) = exposures::admit(&this.inner, key) else {
+        let Some(admitted) = exposures::admit(&self.inner, key) else {
             return Ok(false);
         };
         // New: each text copied once, into the event's one buffer.
@@ -221,17 +270,17 @@ impl Exposures {
             put_text(ruby, &mut p, allocation, "allocation")?;
             put_text(ruby, &mut p, variant, "variant")?;
             subject.put(ruby, &mut p)?;
-            Ok::<_, Error>(put_attributes(ruby, &mut p, attributes))
+            Ok::<_, Error>(put_attributes(ruby, &mut p, attributes, omit))
         })();
         match left_out {
             Ok(left_out) => Ok(exposures::queue(
-                &this.inner,
+                &self.inner,
                 admitted,
                 p.finish(),
                 left_out,
             )),
             Err(e) => {
-                exposures::unadmit(&this.inner, admitted);
+                exposures::unadmit(&self.inner, admitted);
                 Err(e)
             }
         }

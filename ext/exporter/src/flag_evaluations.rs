@@ -23,6 +23,7 @@ use magnus::{
     Symbol, Value,
 };
 
+use crate::exposures::Exposures;
 use crate::gvl::{self, Ran};
 
 /// Evaluation times the intake accepts (its schema's minimum), up to the
@@ -360,16 +361,7 @@ const SMALL_HASH: usize = 8;
 fn string_keys<const N: usize>(h: RHash, keys: [&str; N]) -> [Option<Value>; N] {
     let mut found = [None; N];
     convert::each_pair(h, |k, v| {
-        // The wanted keys are ASCII: only a 7-bit String can be one (else
-        // its bytes are compared).
-        let i = match convert::ascii_text(k) {
-            Some(k) => keys.iter().position(|m| *m == k),
-            None => RString::from_value(k).and_then(|k| {
-                // SAFETY: compared before any Ruby code can run.
-                let k = unsafe { k.as_slice() };
-                keys.iter().position(|m| m.as_bytes() == k)
-            }),
-        };
+        let i = convert::string_bytes(k).and_then(|k| keys.iter().position(|m| m.as_bytes() == k));
         if let Some(i) = i {
             found[i] = Some(v);
         }
@@ -525,12 +517,9 @@ impl FlagEvaluations {
 
     /// `_record_hook(metadata, fields, flag, variant, error_code,
     /// error_message, exposures)`: what `OpenFeature::Hook#finally`
-    /// records (see [`Hook`]), from what it read through the readers of
-    /// the SDK's objects. Returns `[flag, allocation, variant,
-    /// targeting_key, fields]` when `exposures` is given and the
-    /// evaluation has an allocation, a variant and a targeting key (the
-    /// hook then records the exposure), else nil.
-    fn record_hook(ruby: &Ruby, rb_self: Value, args: &[Value]) -> Result<Option<RArray>, Error> {
+    /// records (see [`Hook`] and [`FlagEvaluations::record_read`]), from
+    /// what it read through the readers of the SDK's objects.
+    fn record_hook(ruby: &Ruby, rb_self: Value, args: &[Value]) -> Result<(), Error> {
         let rb_self = convert::receiver::<Self>(rb_self)?;
         let &[meta, fields, flag, variant, error_code, error_message, exposures] = args else {
             return Err(errors::argument(ruby, "_record_hook takes 7 arguments"));
@@ -556,7 +545,7 @@ impl FlagEvaluations {
     /// 0.6.5 `flag_metadata` gives `{}` for nil and a frozen copy of a
     /// Hash that is not frozen: the same keys and values). Returns false,
     /// recording nothing, for any other object: the hook then reads it
-    /// through its readers.
+    /// through its readers; nil when recorded.
     fn record_sdk(ruby: &Ruby, rb_self: Value, args: &[Value]) -> Result<Value, Error> {
         let rb_self = convert::receiver::<Self>(rb_self)?;
         let &[details, details_class, resolution_class, fields, exposures] = args else {
@@ -576,18 +565,21 @@ impl FlagEvaluations {
         // flag_metadata.
         let [variant, error_code, error_message, meta] =
             [2, 3, 4, 5].map(|i| unsafe { convert::struct_member(resolution, i) });
-        let exposure = rb_self.record_read(
+        rb_self.record_read(
             ruby,
             [flag, variant, error_code, error_message],
             meta,
             fields,
             exposures,
         )?;
-        Ok(exposure.map_or(ruby.qnil().as_value(), |a| a.as_value()))
+        Ok(ruby.qnil().as_value())
     }
 
-    /// Records what the hook read (see [`Hook`]); the exposure's fields
-    /// when `exposures` is given and one is due.
+    /// Records what the hook read (see [`Hook`]), and, when `exposures`
+    /// (an `Exporter::Exposures`) is given and the evaluation has an
+    /// allocation, a variant and a targeting key, an exposure: the
+    /// context's fields are the subject's attributes, the targeting key
+    /// left out. A duplicate exposure (the common case) reads no field.
     fn record_read(
         &self,
         ruby: &Ruby,
@@ -595,26 +587,26 @@ impl FlagEvaluations {
         meta: Value,
         fields: Value,
         exposures: Value,
-    ) -> Result<Option<RArray>, Error> {
+    ) -> Result<(), Error> {
         let expose = exposures.to_bool();
         if self.inner.is_none() && !expose {
-            return Ok(None);
+            return Ok(());
         }
         let hook = Hook::read(ruby, details, meta, fields)?;
         if let Some(inner) = &self.inner {
             capture(ruby, inner, &hook.args)?;
         }
         let a = &hook.args;
-        if !(expose && a.allocation.to_bool() && a.variant.to_bool() && a.targeting_key.to_bool()) {
-            return Ok(None);
+        if expose && a.allocation.to_bool() && a.variant.to_bool() && a.targeting_key.to_bool() {
+            Exposures::record_from_hook(
+                ruby,
+                exposures,
+                [a.flag, a.allocation, a.variant, a.targeting_key],
+                hook.fields,
+                TARGETING_KEY,
+            )?;
         }
-        Ok(Some(ruby.ary_new_from_values(&[
-            a.flag,
-            a.allocation,
-            a.variant,
-            a.targeting_key,
-            hook.fields,
-        ])))
+        Ok(())
     }
 
     /// Counts a failure of the OpenFeature hook (logged once).

@@ -6,7 +6,8 @@ module Exporter
     # not require the SDK) that counts every flag evaluation in
     # `evaluations` (an Exporter::FlagEvaluations) and, when `exposures` is
     # given, records an exposure for evaluations that have an allocation, a
-    # variant and a targeting key.
+    # variant and a targeting key (the subject's attributes: the context's
+    # fields but the targeting key).
     #
     #   hook = Exporter::OpenFeature::Hook.new(evaluations: evals, exposures: exposures)
     #   OpenFeature::SDK.configure { |c| c.hooks << hook }   # every client
@@ -18,13 +19,12 @@ module Exporter
     # may be nil); the extension reads the metadata and the fields (it holds
     # the metadata keys: `__dd_allocation_key` or `allocationKey`,
     # `__dd_eval_timestamp_ms` or `dd.eval.timestamp_ms`,
-    # `observe_full_evaluation_data`) and records, in one call. It only
+    # `observe_full_evaluation_data`) and records the evaluation and the
+    # exposure, in one call. It only
     # captures, on the caller's thread; it never raises into the
     # application: a failure is counted in
     # `evaluations.stats[:hook_failures]` and logged once.
     class Hook
-      TARGETING_KEY = "targeting_key"
-
       # The SDK's own classes (0.5.1 through 0.6.5), by name and members:
       # their instances are read by the extension, member by member, where
       # the SDK's readers would return the same values at a cost (its
@@ -57,13 +57,9 @@ module Exporter
       # call (~730 instructions).
       def finally(hook_context:, evaluation_details:, hints: nil)
         fields = hook_context.evaluation_context&.fields
-        exposure = @evaluations._record_sdk(evaluation_details, @details_class, @resolution_class, fields,
-                                            @exposures)
-        if exposure
-          expose(*exposure)
-        elsif !exposure.nil? # false: not the SDK's objects (or not known yet): read here
-          exposure = read(evaluation_details, fields)
-          expose(*exposure) if exposure
+        # nil: recorded; false: not the SDK's objects (or not known yet), read here.
+        unless @evaluations._record_sdk(evaluation_details, @details_class, @resolution_class, fields, @exposures).nil?
+          read(evaluation_details, fields)
         end
         nil
       rescue StandardError => e
@@ -94,12 +90,6 @@ module Exporter
 
       def sdk_class?(klass, name, members)
         klass.name == name && klass.members == members
-      end
-
-      def expose(flag, allocation, variant, targeting_key, fields)
-        attributes = fields.reject { |k, _| k == TARGETING_KEY }
-        @exposures.record(flag: flag, allocation: allocation, variant: variant, subject_id: targeting_key,
-                          subject_attributes: attributes)
       end
     end
   end
