@@ -18,7 +18,8 @@
 # - the worker's CPU per evaluation (draining, keying, pruning, hashing,
 #   aggregating, and the JSON + HTTP of the flush at the end), read from
 #   the runtime threads' /proc schedstat.
-# Target: <= 1 µs/call for `record` and `Hook#finally` with a 5-field context.
+# Target: <= 1 µs/call for `record` and `Hook#finally` with a 5-field context
+# (1.3 with exposures: see EXPOSURES_TARGET_US).
 
 $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
 require "exporter"
@@ -27,6 +28,12 @@ require "socket"
 ROUNDS = Integer(ENV.fetch("BENCH_ROUNDS", "5"))
 CALLS = Integer(ENV.fetch("BENCH_CALLS", "200000"))
 TARGET_US = 1.0
+# A hook call with `exposures:` records an evaluation and an exposure, most
+# of them duplicates: held to the sum of their targets (Hook#finally 1 µs,
+# a deduplicated Exposures#record 0.3 µs).
+EXPOSURES_TARGET_US = TARGET_US + 0.3
+
+def target_us(name) = name.include?("exposures") ? EXPOSURES_TARGET_US : TARGET_US
 KEYS = Array.new(1000) { |i| "user-#{i}" }.freeze
 CONTEXT = { "plan" => "pro", "country" => "fr", "age" => 30, "beta" => true, "ratio" => 0.25 }.freeze
 
@@ -137,13 +144,13 @@ puts format("%-52s %22s %24s %s", "measure", "calling thread µs/call", "worker 
 results.each do |name, runs|
   calls = runs.map { |r| r[:call] }
   worker = runs.map { |r| r[:worker] }
-  verdict = median(calls) <= TARGET_US ? "PASS" : "FAIL"
+  verdict = median(calls) <= target_us(name) ? "PASS" : "FAIL"
   dropped = runs.sum { |r| r[:dropped] }
   note = dropped.positive? ? " (#{dropped} dropped: queue full)" : ""
   note += " (a flush failed)" unless runs.all? { |r| r[:flushed] }
   puts format("%-52s %8.3f (%.3f..%.3f) %10.3f (%.3f..%.3f)   <= %.1f µs %s%s", name, median(calls), calls.min,
-              calls.max, median(worker), worker.min, worker.max, TARGET_US, verdict, note)
+              calls.max, median(worker), worker.min, worker.max, target_us(name), verdict, note)
 end
-# For bench/bench.rb: every round's figures, by measure.
+# For bench/bench.rb: every round's figures, and the target, by measure.
 require "json"
-puts JSON.generate(results.transform_values { |runs| runs.map { |r| r.slice(:call, :worker) } })
+puts JSON.generate(results.to_h { |name, runs| [name, runs.map { |r| r.slice(:call, :worker).merge(target: target_us(name)) }] })
