@@ -20,9 +20,8 @@ module Exporter
     # the metadata keys: `__dd_allocation_key` or `allocationKey`,
     # `__dd_eval_timestamp_ms` or `dd.eval.timestamp_ms`,
     # `observe_full_evaluation_data`) and records the evaluation and the
-    # exposure, in one call. It only
-    # captures, on the caller's thread; it never raises into the
-    # application: a failure is counted in
+    # exposure, in one call. It only captures, on the caller's thread; it
+    # never raises into the application: a failure is counted in
     # `evaluations.stats[:hook_failures]` and logged once.
     class Hook
       # The SDK's own classes (0.5.1 through 0.6.5), by name and members:
