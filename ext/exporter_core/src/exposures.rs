@@ -93,7 +93,9 @@ impl DedupKey {
 /// 64x64->128 multiplies (the wyhash/folded-multiply family) over 8-byte
 /// words, each string's length mixed in so ("ab", "c") and ("a", "bc")
 /// differ. Not cryptographic (neither was the fixed-key SipHash it
-/// replaces): a collision among honest ids takes ~2^64 of them.
+/// replaces): a collision among honest ids takes ~2^64 of them. Keyed
+/// per process ([`SEED`]), so ids chosen to collide cannot be worked out
+/// from this source.
 fn hash_pair(a: &[u8], b: &[u8]) -> u128 {
     const K: [u64; 4] = [
         0xa076_1d64_78bd_642f,
@@ -106,7 +108,8 @@ fn hash_pair(a: &[u8], b: &[u8]) -> u128 {
         let r = u128::from(x).wrapping_mul(u128::from(y));
         (r as u64) ^ ((r >> 64) as u64)
     }
-    let (mut h1, mut h2) = (K[0], K[1]);
+    let seed = *SEED;
+    let (mut h1, mut h2) = (K[0] ^ seed.0, K[1] ^ seed.1);
     for s in [a, b] {
         let mut chunks = s.chunks_exact(8);
         for c in &mut chunks {
@@ -121,6 +124,15 @@ fn hash_pair(a: &[u8], b: &[u8]) -> u128 {
     let (h1, h2) = (fold(h1, K[1] ^ h2), fold(h2, K[0] ^ h1));
     (u128::from(h1) << 64) | u128::from(h2)
 }
+
+/// Random keys of this process for [`hash_pair`]. Dedup keys never leave
+/// the process (a sidecar listener hashes the events it receives itself),
+/// and a forked child, which inherits them, starts with an empty cache.
+static SEED: std::sync::LazyLock<(u64, u64)> = std::sync::LazyLock::new(|| {
+    use std::hash::BuildHasher;
+    let s = std::collections::hash_map::RandomState::new();
+    (s.hash_one(1u8), s.hash_one(2u8))
+});
 
 /// The last 0 to 7 bytes of a string as one word, without a copy loop
 /// (for a given length, distinct bytes give distinct words): 4 to 7 bytes
