@@ -384,6 +384,33 @@ static TARGETING_KEY_STRING: Lazy<RString> = Lazy::new(|ruby| {
 const SDK_DETAILS_MEMBERS: usize = 2;
 const SDK_RESOLUTION_MEMBERS: usize = 6;
 
+/// The flag key, variant, error code and message, and the metadata of
+/// `details` when it is a Struct of `details_class` (the SDK's
+/// EvaluationDetails) holding one of `resolution_class` (its
+/// ResolutionDetails), read member by member; None otherwise. Calls no
+/// Ruby code.
+fn sdk_details(
+    details: Value,
+    details_class: Value,
+    resolution_class: Value,
+) -> Option<([Value; 4], Value)> {
+    if !convert::is_struct_of(details, details_class, SDK_DETAILS_MEMBERS) {
+        return None;
+    }
+    // SAFETY: `details` is a Struct of `SDK_DETAILS_MEMBERS` members:
+    // flag_key, resolution_details.
+    let [flag, resolution] = [0, 1].map(|i| unsafe { convert::struct_member(details, i) });
+    if !convert::is_struct_of(resolution, resolution_class, SDK_RESOLUTION_MEMBERS) {
+        return None;
+    }
+    // SAFETY: `resolution` is a Struct of `SDK_RESOLUTION_MEMBERS`
+    // members: value, reason, variant, error_code, error_message,
+    // flag_metadata.
+    let [variant, error_code, error_message, meta] =
+        [2, 3, 4, 5].map(|i| unsafe { convert::struct_member(resolution, i) });
+    Some(([flag, variant, error_code, error_message], meta))
+}
+
 /// What `OpenFeature::Hook#finally` records, from the SDK's objects: the
 /// flag key, variant, error code and message, `flag_metadata` (a Hash,
 /// anything answering `[]`, or nil) and the evaluation context's `fields`
@@ -524,13 +551,8 @@ impl FlagEvaluations {
         let &[meta, fields, flag, variant, error_code, error_message, exposures] = args else {
             return Err(errors::argument(ruby, "_record_hook takes 7 arguments"));
         };
-        rb_self.record_read(
-            ruby,
-            [flag, variant, error_code, error_message],
-            meta,
-            fields,
-            exposures,
-        )
+        let details = [flag, variant, error_code, error_message];
+        rb_self.record_read(ruby, details, meta, fields, exposures)
     }
 
     /// `_record_sdk(details, details_class, resolution_class, fields,
@@ -551,27 +573,10 @@ impl FlagEvaluations {
         let &[details, details_class, resolution_class, fields, exposures] = args else {
             return Err(errors::argument(ruby, "_record_sdk takes 5 arguments"));
         };
-        let not_read = ruby.qfalse().as_value();
-        if !convert::is_struct_of(details, details_class, SDK_DETAILS_MEMBERS) {
-            return Ok(not_read);
-        }
-        // SAFETY: `details` is a Struct of `SDK_DETAILS_MEMBERS` members.
-        let [flag, resolution] = [0, 1].map(|i| unsafe { convert::struct_member(details, i) });
-        if !convert::is_struct_of(resolution, resolution_class, SDK_RESOLUTION_MEMBERS) {
-            return Ok(not_read);
-        }
-        // SAFETY: `resolution` is a Struct of `SDK_RESOLUTION_MEMBERS`
-        // members: value, reason, variant, error_code, error_message,
-        // flag_metadata.
-        let [variant, error_code, error_message, meta] =
-            [2, 3, 4, 5].map(|i| unsafe { convert::struct_member(resolution, i) });
-        rb_self.record_read(
-            ruby,
-            [flag, variant, error_code, error_message],
-            meta,
-            fields,
-            exposures,
-        )?;
+        let Some((details, meta)) = sdk_details(details, details_class, resolution_class) else {
+            return Ok(ruby.qfalse().as_value());
+        };
+        rb_self.record_read(ruby, details, meta, fields, exposures)?;
         Ok(ruby.qnil().as_value())
     }
 
